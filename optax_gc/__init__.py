@@ -1,0 +1,21 @@
+"""optax_gc: Gradient Centralization for JAX and Optax, on every JAX layout."""
+
+import importlib.metadata
+
+from optax_gc._transform import (
+    AxesLike,
+    OutputAxes,
+    OutputAxesFn,
+    centralize,
+    centralize_array,
+)
+
+__version__ = importlib.metadata.version("optax-gc")
+
+__all__ = [
+    "AxesLike",
+    "OutputAxes",
+    "OutputAxesFn",
+    "centralize",
+    "centralize_array",
+]
