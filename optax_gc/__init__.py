@@ -2,12 +2,14 @@
 
 import importlib.metadata
 
+from optax_gc._alias import gc_adam, gc_adamw, gc_sgd, with_gc
 from optax_gc._transform import (
     AxesLike,
     OutputAxes,
     OutputAxesFn,
     centralize,
     centralize_array,
+    gc_fraction,
 )
 
 __version__ = importlib.metadata.version("optax-gc")
@@ -18,4 +20,9 @@ __all__ = [
     "OutputAxesFn",
     "centralize",
     "centralize_array",
+    "gc_adam",
+    "gc_adamw",
+    "gc_fraction",
+    "gc_sgd",
+    "with_gc",
 ]

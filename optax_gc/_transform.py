@@ -8,6 +8,7 @@ from typing import Any, TypeAlias
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 AxesLike: TypeAlias = int | Sequence[int]
@@ -24,20 +25,30 @@ def _path_str(path: jax.tree_util.KeyPath) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def _check_axes_spec(spec: Any, where: str) -> tuple[int, ...]:
     """Validates an int or a sequence of ints (independently of any leaf)."""
-    if isinstance(spec, int) and not isinstance(spec, bool):
-        return (spec,)
+    if isinstance(spec, jax.Array):
+        raise ValueError(
+            f"{where}: output_axes must be static Python ints, got a JAX array "
+            f"{spec!r}. Under optax.inject_hyperparams pass it as a tuple, e.g. "
+            f"output_axes=(0,), or list it in static_args."
+        )
+    if _is_int(spec):
+        return (int(spec),)
     if isinstance(spec, Sequence) and not isinstance(spec, str):
         axes = tuple(spec)
-        if axes and all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+        if axes and all(_is_int(a) for a in axes):
+            axes = tuple(int(a) for a in axes)
             if len(set(axes)) != len(axes):
                 raise ValueError(f"{where}: output_axes={spec!r} repeats an axis.")
             return axes
     raise ValueError(
-        f"{where}: output_axes must be an int, a non-empty tuple of ints, a "
-        f"callable (path, leaf) -> axes | None, or None from that callable; "
-        f"got {spec!r}."
+        f"{where}: output_axes must be an int, a non-empty tuple of ints, or a "
+        f"callable (path, leaf) -> axes | None; got {spec!r}."
     )
 
 
@@ -247,3 +258,50 @@ def centralize(
 def _apply_rule(rule, path, g):
     axes = rule(path, g)
     return g if axes is None else _subtract_fan_in_mean(g, axes)
+
+
+def gc_fraction(
+    grads: optax.Updates, *, output_axes: OutputAxes = -1, conv_only: bool = False
+) -> optax.Updates:
+    r"""Per leaf, the share of the gradient's norm that GC removes.
+
+    For each leaf, :math:`\|g - \Phi(g)\| / \|g\|`, a float32 scalar in
+    :math:`[0, 1]`: 0 when every fan-in already has zero mean, 1 when each
+    output unit's gradient is constant over its fan-in. Leaves that
+    :func:`optax_gc.centralize` leaves untouched (same rules, same options)
+    report 0, as does an all-zero gradient. Useful to log next to the loss;
+    jit-compatible.
+
+    Args:
+      grads: a gradient pytree.
+      output_axes: see :func:`optax_gc.centralize`.
+      conv_only: see :func:`optax_gc.centralize`.
+
+    Returns:
+      A pytree of float32 scalars with the structure of ``grads``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax_gc
+      >>> grads = {"kernel": jnp.array([[1.0, 1.0], [1.0, -1.0]]),
+      ...          "bias": jnp.array([1.0, 2.0])}
+      >>> fractions = optax_gc.gc_fraction(grads)
+      >>> print(fractions["kernel"], fractions["bias"])
+      0.70710677 0.0
+
+    References:
+      Yong et al, `Gradient Centralization: A New Optimization Technique for
+      Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_, ECCV 2020.
+    """
+    rule = _make_leaf_rule(output_axes, conv_only, "gc_fraction")
+
+    def fraction(path, g):
+        axes = rule(path, g)
+        if axes is None:
+            return jnp.zeros((), jnp.float32)
+        removed = g - _subtract_fan_in_mean(g, axes)
+        norm = jnp.linalg.norm(jnp.ravel(g)).astype(jnp.float32)
+        removed_norm = jnp.linalg.norm(jnp.ravel(removed)).astype(jnp.float32)
+        return jnp.where(norm > 0, removed_norm / jnp.where(norm > 0, norm, 1), 0.0)
+
+    return jax.tree.map_with_path(fraction, grads)
