@@ -11,6 +11,7 @@ from optax_gc._transform import (
     centralize_array,
     gc_fraction,
 )
+from optax_gc._utils import path_rules
 
 __version__ = importlib.metadata.version("optax-gc")
 
@@ -24,5 +25,6 @@ __all__ = [
     "gc_adamw",
     "gc_fraction",
     "gc_sgd",
+    "path_rules",
     "with_gc",
 ]
