@@ -110,3 +110,13 @@ def test_bf16_sharded_keeps_dtype():
     grads = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _grads())
     out = jax.jit(_gc)(_place(grads, SPECS["both"]))
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(out))
+
+
+def test_sharding_recipe_on_eight_devices(capsys):
+    from tests.test_docs import ROOT, run_page
+
+    namespace = run_page(ROOT / "docs" / "recipes" / "sharding.md")
+    kernel = namespace["params"]["kernel"]
+    assert len(kernel.sharding.device_set) == 8
+    assert kernel.sharding.spec == P(None, "model")
+    assert "model" in capsys.readouterr().out
