@@ -53,7 +53,7 @@ FASHION_FILES = {
 }
 DEFAULTS = {  # per dataset: epochs, batch size, seeds
     "digits": {"epochs": 15, "batch_size": 32, "seeds": 5, "width": 16},
-    "fashion-mnist": {"epochs": 8, "batch_size": 128, "seeds": 5, "width": 8},
+    "fashion-mnist": {"epochs": 15, "batch_size": 128, "seeds": 5, "width": 8},
 }
 OPTIMIZERS = ("sgd", "adam-grad", "adam-update")
 SGD_LR, MOMENTUM, L2 = 0.05, 0.9, 5e-4
@@ -359,7 +359,7 @@ def versions():
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", choices=list(DEFAULTS), default="digits")
-    p.add_argument("--epochs", type=int, help="default: 15 digits, 8 fashion-mnist")
+    p.add_argument("--epochs", type=int, help="default: 15")
     p.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (default 5)")
     p.add_argument(
         "--optimizers",
