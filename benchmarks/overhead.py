@@ -1,0 +1,547 @@
+"""What GC costs: time against a memory-roofline proxy, against the alternatives
+users would pick, inside optimizers and a full train step; compile time; memory.
+
+    python benchmarks/overhead.py                 # full run, a few minutes
+    python benchmarks/overhead.py --tiny          # seconds: smoke test
+
+Every timing is a jitted function, warmed up, timed with
+``jax.block_until_ready``, median of ``--repeats`` runs, and the variants of one
+table are interleaved call by call in one process, so that their ratios
+survive a noisy machine. Gradient trees have real shapes in Flax layout with
+random values: ResNet-50 (25.6M parameters, 161 leaves), a GPT-2-small-like
+transformer (124M, DenseGeneral attention kernels) and 1,000 small kernels.
+Writes the table and a JSON file (device, versions, shapes, every sample)
+under ``--out`` (default ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_gc
+
+# --- gradient trees with real shapes (Flax layout) -----------------------------
+
+
+def resnet50_shapes(num_classes=1000):
+    """{path: shape} of ResNet-50 (v1.5) parameters, Flax layout."""
+    shapes = {
+        "conv_init/kernel": (7, 7, 3, 64),
+        "bn_init/scale": (64,),
+        "bn_init/bias": (64,),
+    }
+    cin = 64
+    for stage, (blocks, width) in enumerate(
+        zip((3, 4, 6, 3), (64, 128, 256, 512), strict=True)
+    ):
+        for b in range(blocks):
+            p = f"stage{stage}_block{b}"
+            for i, (k, ci, co) in enumerate(
+                ((1, cin, width), (3, width, width), (1, width, 4 * width))
+            ):
+                shapes[f"{p}/conv{i}/kernel"] = (k, k, ci, co)
+                shapes[f"{p}/bn{i}/scale"] = (co,)
+                shapes[f"{p}/bn{i}/bias"] = (co,)
+            if b == 0:
+                shapes[f"{p}/proj_conv/kernel"] = (1, 1, cin, 4 * width)
+                shapes[f"{p}/proj_bn/scale"] = (4 * width,)
+                shapes[f"{p}/proj_bn/bias"] = (4 * width,)
+            cin = 4 * width
+    shapes["head/kernel"] = (cin, num_classes)
+    shapes["head/bias"] = (num_classes,)
+    return shapes
+
+
+def gpt2_small_shapes(layers=12, d=768, heads=12, vocab=50257, ctx=1024):
+    """{path: shape} of a GPT-2-small-like model with DenseGeneral attention."""
+    hd = d // heads
+    shapes = {"wte/embedding": (vocab, d), "wpe/embedding": (ctx, d)}
+    for i in range(layers):
+        p = f"h_{i}"
+        shapes[f"{p}/ln_1/scale"] = (d,)
+        shapes[f"{p}/ln_1/bias"] = (d,)
+        for name in ("query", "key", "value"):
+            shapes[f"{p}/attn/{name}/kernel"] = (d, heads, hd)
+            shapes[f"{p}/attn/{name}/bias"] = (heads, hd)
+        shapes[f"{p}/attn/out/kernel"] = (heads, hd, d)
+        shapes[f"{p}/attn/out/bias"] = (d,)
+        shapes[f"{p}/ln_2/scale"] = (d,)
+        shapes[f"{p}/ln_2/bias"] = (d,)
+        shapes[f"{p}/mlp/fc/kernel"] = (d, 4 * d)
+        shapes[f"{p}/mlp/fc/bias"] = (4 * d,)
+        shapes[f"{p}/mlp/proj/kernel"] = (4 * d, d)
+        shapes[f"{p}/mlp/proj/bias"] = (d,)
+    shapes["ln_f/scale"] = (d,)
+    shapes["ln_f/bias"] = (d,)
+    return shapes
+
+
+GPT2_RULES = optax_gc.path_rules(
+    {
+        r"embedding$": None,
+        r"bias$": None,
+        r"(query|key|value)/kernel$": (1, 2),
+        r"out/kernel$": (2,),
+    }
+)
+
+
+def small_kernels_shapes(n=1000):
+    cycle = [(3, 3, 8, 8), (16, 16), (16,), (1, 1, 8, 16), (32, 8)]
+    return {f"layer_{i:04d}/w": cycle[i % len(cycle)] for i in range(n)}
+
+
+def tiny_shapes():
+    return {"conv/kernel": (3, 3, 8, 16), "dense/kernel": (64, 10), "dense/bias": (10,)}
+
+
+def make_tree(shapes, seed=0, dtype=jnp.float32):
+    """A nested dict of random arrays with the given {"a/b": shape}."""
+    rng = np.random.default_rng(seed)
+    tree = {}
+    for path, shape in shapes.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+    return tree
+
+
+def tree_bytes(tree):
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+# --- GC formulations (rows 2-4; the experiments are kept for the record) ------
+
+
+def _fan_in(x, output_axes=(-1,)):
+    keep = {a % x.ndim for a in output_axes}
+    return tuple(a for a in range(x.ndim) if a not in keep)
+
+
+def copy_tree(tree):
+    """Roofline proxy: one elementwise pass, 1 read + 1 write per element."""
+    return jax.tree.map(lambda x: -x, tree)
+
+
+def naive_tree(tree, output_axes=(-1,)):
+    def f(x):
+        if x.ndim < 2:
+            return x
+        return x - x.mean(axis=_fan_in(x, output_axes), keepdims=True)
+
+    return jax.tree.map(f, tree)
+
+
+def reshape2d_tree(tree):
+    """Experiment: view each (..., out) kernel as (M, N), mean over rows."""
+
+    def f(x):
+        if x.ndim < 2:
+            return x
+        x2 = x.reshape(-1, x.shape[-1])
+        return (x2 - x2.mean(axis=0, keepdims=True)).reshape(x.shape)
+
+    return jax.tree.map(f, tree)
+
+
+def ones_matmul_tree(tree):
+    """Experiment: column sums as a ones-vector contraction (GEMV)."""
+
+    def f(x):
+        if x.ndim < 2:
+            return x
+        x2 = x.reshape(-1, x.shape[-1])
+        mean = (jnp.ones((1, x2.shape[0]), x.dtype) @ x2) / x2.shape[0]
+        return (x2 - mean).reshape(x.shape)
+
+    return jax.tree.map(f, tree)
+
+
+def transposed_tree(tree):
+    """Experiment: transpose to (N, M), reduce the contiguous axis, transpose back."""
+
+    def f(x):
+        if x.ndim < 2:
+            return x
+        t = x.reshape(-1, x.shape[-1]).T
+        return (t - t.mean(axis=1, keepdims=True)).T.reshape(x.shape)
+
+    return jax.tree.map(f, tree)
+
+
+def optax_centralize_tree(tree):
+    return optax.centralize().update(tree, optax.EmptyState())[0]
+
+
+def optax_gc_tree(tree, output_axes=-1):
+    return optax_gc.centralize(output_axes=output_axes).update(tree, None)[0]
+
+
+# --- timing -----------------------------------------------------------------------
+
+
+def interleaved(fns: dict, make_args, repeats: int, warmup: int = 3):
+    """Median seconds per call of each fn, calls interleaved round-robin.
+
+    ``make_args(name)`` returns the argument tuple for a call; for donated
+    steps each fn keeps and threads its own state (see ``stateful``).
+    """
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            jax.block_until_ready(fn(*make_args(name)))
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            args = make_args(name)
+            jax.block_until_ready(args)
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(s) for name, s in samples.items()}, samples
+
+
+def stateful(step, init):
+    """Wraps a donated ``state -> state`` step so each call consumes the last."""
+    holder = {"state": init}
+
+    def call():
+        holder["state"] = step(*holder["state"])
+        return holder["state"]
+
+    return call
+
+
+# --- the tables ---------------------------------------------------------------
+
+
+def table_transforms(name, shapes, repeats, experiments, output_axes=-1):
+    tree = make_tree(shapes)
+    axes = (output_axes,) if isinstance(output_axes, int) else None
+    fns = {
+        "copy (roofline proxy)": jax.jit(copy_tree),
+        "optax.centralize": jax.jit(optax_centralize_tree),
+        "naive g - g.mean(fan_in)": jax.jit(
+            functools.partial(naive_tree, output_axes=axes or (-1,))
+        ),
+        "optax_gc.centralize": jax.jit(
+            functools.partial(optax_gc_tree, output_axes=output_axes)
+        ),
+    }
+    if experiments:
+        fns["exp: reshape to (M, N)"] = jax.jit(reshape2d_tree)
+        fns["exp: ones @ G"] = jax.jit(ones_matmul_tree)
+        fns["exp: transposed"] = jax.jit(transposed_tree)
+    medians, samples = interleaved(fns, lambda _: (tree,), repeats)
+    base = medians["copy (roofline proxy)"]
+    rows = [(k, v, v / base) for k, v in medians.items()]
+    return {
+        "tree": name,
+        "leaves": len(shapes),
+        "params": sum(math.prod(s) for s in shapes.values()),
+        "rows": rows,
+        "baseline": "copy (roofline proxy)",
+        "samples": samples,
+    }
+
+
+def _adam_steps(gc_rules):
+    lr = 1e-3
+
+    def make(tx):
+        @functools.partial(jax.jit, donate_argnums=(0, 2))
+        def step(params, grads, opt_state):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), grads, opt_state
+
+        return tx, step
+
+    return {
+        "optax.adam": make(optax.adam(lr)),
+        "chain(centralize(), adam)": make(
+            optax.chain(optax_gc.centralize(output_axes=gc_rules), optax.adam(lr))
+        ),
+        "with_gc(adam, 'update')": make(
+            optax_gc.with_gc(optax.adam(lr), output_axes=gc_rules)
+        ),
+    }
+
+
+def table_adam(name, shapes, repeats, gc_rules=-1):
+    steps = _adam_steps(gc_rules)
+    calls, memory = {}, {}
+    for label, (tx, step) in steps.items():
+        params, grads = make_tree(shapes, 0), make_tree(shapes, 1)
+        state = tx.init(params)
+        compiled = step.lower(params, grads, state).compile()
+        memory[label] = memory_stats(compiled, state)
+        calls[label] = stateful(step, (params, grads, state))
+    medians, samples = interleaved(
+        {k: (lambda c=c: c()) for k, c in calls.items()}, lambda _: (), repeats
+    )
+    base = medians["optax.adam"]
+    rows = [(k, v, v / base) for k, v in medians.items()]
+    return {
+        "tree": name,
+        "rows": rows,
+        "baseline": "optax.adam",
+        "memory": memory,
+        "samples": samples,
+    }
+
+
+def memory_stats(compiled, opt_state):
+    stats = {"opt_state_bytes": tree_bytes(opt_state)}
+    try:
+        m = compiled.memory_analysis()
+    except Exception as e:  # noqa: BLE001 - backends without memory analysis
+        stats["error"] = repr(e)
+        return stats
+    if m is None:
+        return stats
+    for key in (
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "temp_size_in_bytes",
+        "alias_size_in_bytes",
+        "generated_code_size_in_bytes",
+    ):
+        stats[key] = int(getattr(m, key, 0))
+    stats["peak_estimate_bytes"] = (
+        stats["argument_size_in_bytes"]
+        + stats["output_size_in_bytes"]
+        + stats["temp_size_in_bytes"]
+        - stats["alias_size_in_bytes"]
+    )
+    return stats
+
+
+def table_train_step(repeats, tiny):
+    """A full Flax CNN train step (forward + backward + adam) with and without GC."""
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    from train import CNN
+
+    width, batch, size = (4, 8, 8) if tiny else (16, 128, 28)
+    model = CNN(width=width, stem_stride=1)
+    x = jax.random.normal(jax.random.key(1), (batch, size, size, 1))
+    y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
+    variables = model.init(jax.random.key(0), x[:1], train=False)
+
+    def make(tx):
+        @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+        def step(params, batch_stats, opt_state):
+            def loss_fn(p):
+                logits, upd = model.apply(
+                    {"params": p, "batch_stats": batch_stats},
+                    x,
+                    train=True,
+                    mutable=["batch_stats"],
+                )
+                loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+                return loss.mean(), upd["batch_stats"]
+
+            grads, stats = jax.grad(loss_fn, has_aux=True)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), stats, opt_state
+
+        return tx, step
+
+    variants = {
+        "adam": make(optax.adam(1e-3)),
+        "chain(centralize(), adam)": make(
+            optax.chain(optax_gc.centralize(), optax.adam(1e-3))
+        ),
+        "gc_adam (update)": make(optax_gc.gc_adam(1e-3)),
+    }
+    calls, memory = {}, {}
+    for label, (tx, step) in variants.items():
+        params = jax.tree.map(jnp.copy, variables["params"])
+        stats = jax.tree.map(jnp.copy, variables["batch_stats"])
+        state = tx.init(params)
+        memory[label] = memory_stats(step.lower(params, stats, state).compile(), state)
+        calls[label] = stateful(step, (params, stats, state))
+    medians, samples = interleaved(
+        {k: (lambda c=c: c()) for k, c in calls.items()}, lambda _: (), repeats
+    )
+    base = medians["adam"]
+    return {
+        "tree": f"Flax CNN train step, batch {batch}x{size}x{size}, width {width}",
+        "rows": [(k, v, v / base) for k, v in medians.items()],
+        "baseline": "adam",
+        "memory": memory,
+        "samples": samples,
+    }
+
+
+def table_compile(shapes, repeats):
+    """Trace + compile seconds of a fresh jit of each transform (no caching)."""
+    tree = make_tree(shapes)
+
+    def fresh(fn):
+        # A new function object each time: jax caches on function identity.
+        return lambda: jax.jit(lambda t: fn(t)).lower(tree).compile()
+
+    fns = {
+        "optax.centralize": fresh(optax_centralize_tree),
+        "optax_gc.centralize": fresh(optax_gc_tree),
+    }
+    medians, samples = interleaved(
+        {k: (lambda f=f: f() and 0) for k, f in fns.items()},
+        lambda _: (),
+        repeats,
+        warmup=1,
+    )
+    base = medians["optax.centralize"]
+    return {
+        "tree": f"{len(shapes)} small kernels: trace + compile",
+        "rows": [(k, v, v / base) for k, v in medians.items()],
+        "baseline": "optax.centralize",
+        "samples": samples,
+    }
+
+
+# --- main ---------------------------------------------------------------------
+
+
+def fmt_table(result):
+    lines = [
+        f"\n## {result['tree']}",
+        "",
+        f"| variant | median | x {result['baseline']} |",
+        "|---|---:|---:|",
+    ]
+    for name, seconds, ratio in result["rows"]:
+        unit = f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.2f} s"
+        lines.append(f"| {name} | {unit} | {ratio:.3f} |")
+    if "memory" in result:
+        lines += [
+            "",
+            "| variant | peak (args+out+temp-alias) | temp | opt state |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, m in result["memory"].items():
+            peak = m.get("peak_estimate_bytes")
+            temp = m.get("temp_size_in_bytes")
+            lines.append(
+                f"| {name} | {peak / 2**20:.2f} MiB | {temp / 2**20:.2f} MiB "
+                f"| {m['opt_state_bytes'] / 2**20:.2f} MiB |"
+                if peak is not None
+                else f"| {name} | n/a | n/a | {m['opt_state_bytes'] / 2**20:.2f} MiB |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--tiny", action="store_true", help="tiny trees, few repeats")
+    p.add_argument(
+        "--experiments",
+        action="store_true",
+        help="also time the alternative GC formulations",
+    )
+    p.add_argument("--skip-gpt2", action="store_true")
+    p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+    repeats = 3 if args.tiny else args.repeats
+
+    if args.tiny:
+        trees = {"tiny": (tiny_shapes(), -1)}
+        compile_shapes = small_kernels_shapes(20)
+    else:
+        trees = {"ResNet-50": (resnet50_shapes(), -1)}
+        if not args.skip_gpt2:
+            trees["GPT-2 small"] = (gpt2_small_shapes(), GPT2_RULES)
+        compile_shapes = small_kernels_shapes(1000)
+
+    device = jax.devices()[0]
+    header = (
+        f"device: {device.device_kind} ({jax.default_backend()}), "
+        f"{jax.device_count()} device(s); jax {jax.__version__}, "
+        f"optax {optax.__version__}, optax_gc {optax_gc.__version__}; "
+        f"{platform.machine()}, {repeats} repeats, median"
+    )
+    print(header, flush=True)
+    results = []
+    for name, (shapes, axes) in trees.items():
+        n = sum(math.prod(s) for s in shapes.values())
+        label = f"{name}: {n / 1e6:.1f}M params, {len(shapes)} leaves"
+        transform_axes = -1 if callable(axes) else axes
+        res = table_transforms(label, shapes, repeats, args.experiments, transform_axes)
+        if callable(axes):  # GPT-2: our per-leaf rules vs plain -1
+            tree = make_tree(shapes)
+            rules_fn = jax.jit(functools.partial(optax_gc_tree, output_axes=axes))
+            med, _ = interleaved(
+                {"copy": jax.jit(copy_tree), "rules": rules_fn},
+                lambda _, tree=tree: (tree,),
+                repeats,
+            )
+            res["rows"].append(
+                (
+                    "optax_gc.centralize (transformer path_rules)",
+                    med["rules"],
+                    med["rules"] / med["copy"],
+                )
+            )
+        results.append(res)
+        print(fmt_table(res), flush=True)
+        res = table_adam(
+            f"{name}: adam update + apply, donated buffers", shapes, repeats, axes
+        )
+        results.append(res)
+        print(fmt_table(res), flush=True)
+    res = table_train_step(repeats, args.tiny)
+    results.append(res)
+    print(fmt_table(res), flush=True)
+    state = optax_gc.centralize().init(make_tree(trees[next(iter(trees))][0]))
+    print(f"\noptax_gc.centralize() state: {state!r}, {tree_bytes(state)} bytes")
+    res = table_compile(compile_shapes, 1 if args.tiny else max(5, repeats // 3))
+    results.append(res)
+    print(fmt_table(res), flush=True)
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"overhead-{jax.default_backend()}{'-tiny' if args.tiny else ''}.json"
+    path.write_text(
+        json.dumps(
+            {
+                "header": header,
+                "device": str(device),
+                "device_kind": device.device_kind,
+                "backend": jax.default_backend(),
+                "versions": {
+                    "jax": jax.__version__,
+                    "optax": optax.__version__,
+                    "optax_gc": optax_gc.__version__,
+                    "python": platform.python_version(),
+                },
+                "argv": sys.argv[1:] if argv is None else argv,
+                "shapes": {
+                    name: {k: list(v) for k, v in s.items()}
+                    for name, (s, _) in trees.items()
+                },
+                "tables": [{k: v for k, v in r.items()} for r in results],
+            },
+            indent=1,
+        )
+    )
+    print(f"\nwrote {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
