@@ -266,7 +266,7 @@ def _adam_steps(gc_rules):
         @functools.partial(jax.jit, donate_argnums=(0, 2))
         def step(params, grads, opt_state):
             updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), grads, opt_state
+            return optax.apply_updates(params, updates), opt_state
 
         return tx, step
 
@@ -282,14 +282,18 @@ def _adam_steps(gc_rules):
 
 
 def table_adam(name, shapes, repeats, gc_rules=-1):
+    """One optimizer step (update + apply); params and state donated, grads fixed."""
     steps = _adam_steps(gc_rules)
+    grads = make_tree(shapes, 1)
     calls, memory = {}, {}
     for label, (tx, step) in steps.items():
-        params, grads = make_tree(shapes, 0), make_tree(shapes, 1)
+        params = make_tree(shapes, 0)
         state = tx.init(params)
         compiled = step.lower(params, grads, state).compile()
         memory[label] = memory_stats(compiled, state)
-        calls[label] = stateful(step, (params, grads, state))
+        calls[label] = stateful(
+            lambda p, s, step=step: step(p, grads, s), (params, state)
+        )
     medians, samples = interleaved(
         {k: (lambda c=c: c()) for k, c in calls.items()}, lambda _: (), repeats
     )
