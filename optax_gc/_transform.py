@@ -245,14 +245,18 @@ def centralize(
     """
     rule = _make_leaf_rule(output_axes, conv_only, "centralize")
 
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        updates = jax.tree.map_with_path(
+        updates = jax.tree_util.tree_map_with_path(
             lambda path, g: _apply_rule(rule, path, g), updates
         )
         return updates, state
 
-    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _apply_rule(rule, path, g):
@@ -304,4 +308,4 @@ def gc_fraction(
         removed_norm = jnp.linalg.norm(jnp.ravel(removed)).astype(jnp.float32)
         return jnp.where(norm > 0, removed_norm / jnp.where(norm > 0, norm, 1), 0.0)
 
-    return jax.tree.map_with_path(fraction, grads)
+    return jax.tree_util.tree_map_with_path(fraction, grads)

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 
 from optax_gc._transform import AxesLike, OutputAxesFn, _check_axes_spec
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey, ...
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
 
 def path_str(path: jax.tree_util.KeyPath) -> str:
@@ -19,7 +27,7 @@ def path_str(path: jax.tree_util.KeyPath) -> str:
     if path and isinstance(path[-1], jax.tree_util.GetAttrKey):
         if path[-1].name == "value":
             path = path[:-1]
-    return jax.tree_util.keystr(path, simple=True, separator="/")
+    return "/".join(_key_name(k) for k in path)
 
 
 def path_rules(
