@@ -1,15 +1,19 @@
 """What GC costs: time against a memory-roofline proxy, against the alternatives
 users would pick, inside optimizers and a full train step; compile time; memory.
 
-    python benchmarks/overhead.py                 # full run, a few minutes
-    python benchmarks/overhead.py --tiny          # seconds: smoke test
+    python -m benchmarks.overhead                 # full run, a few minutes
+    python -m benchmarks.overhead --tiny          # seconds: smoke test
+
+Run it from the repository root.
 
 Every timing is a jitted function, warmed up, timed with
 ``jax.block_until_ready``, median of ``--repeats`` runs, and the variants of one
 table are interleaved call by call in one process, so that their ratios
 survive a noisy machine. Gradient trees have real shapes in Flax layout with
 random values: ResNet-50 (25.6M parameters, 161 leaves), a GPT-2-small-like
-transformer (124M, DenseGeneral attention kernels) and 1,000 small kernels.
+transformer (124M, DenseGeneral attention kernels), both from
+``benchmarks.models``, and 1,000 small kernels. The train-step table times
+``benchmarks.models.CNN``.
 Writes the table and a JSON file (device, versions, shapes, every sample)
 under ``--out`` (default ``benchmarks/results``).
 """
@@ -32,71 +36,9 @@ import numpy as np
 import optax
 
 import optax_gc
+from benchmarks.models import CNN, GPT2_RULES, gpt2_small_shapes, resnet50_shapes
 
-# --- gradient trees with real shapes (Flax layout) -----------------------------
-
-
-def resnet50_shapes(num_classes=1000):
-    """{path: shape} of ResNet-50 (v1.5) parameters, Flax layout."""
-    shapes = {
-        "conv_init/kernel": (7, 7, 3, 64),
-        "bn_init/scale": (64,),
-        "bn_init/bias": (64,),
-    }
-    cin = 64
-    for stage, (blocks, width) in enumerate(
-        zip((3, 4, 6, 3), (64, 128, 256, 512), strict=True)
-    ):
-        for b in range(blocks):
-            p = f"stage{stage}_block{b}"
-            for i, (k, ci, co) in enumerate(
-                ((1, cin, width), (3, width, width), (1, width, 4 * width))
-            ):
-                shapes[f"{p}/conv{i}/kernel"] = (k, k, ci, co)
-                shapes[f"{p}/bn{i}/scale"] = (co,)
-                shapes[f"{p}/bn{i}/bias"] = (co,)
-            if b == 0:
-                shapes[f"{p}/proj_conv/kernel"] = (1, 1, cin, 4 * width)
-                shapes[f"{p}/proj_bn/scale"] = (4 * width,)
-                shapes[f"{p}/proj_bn/bias"] = (4 * width,)
-            cin = 4 * width
-    shapes["head/kernel"] = (cin, num_classes)
-    shapes["head/bias"] = (num_classes,)
-    return shapes
-
-
-def gpt2_small_shapes(layers=12, d=768, heads=12, vocab=50257, ctx=1024):
-    """{path: shape} of a GPT-2-small-like model with DenseGeneral attention."""
-    hd = d // heads
-    shapes = {"wte/embedding": (vocab, d), "wpe/embedding": (ctx, d)}
-    for i in range(layers):
-        p = f"h_{i}"
-        shapes[f"{p}/ln_1/scale"] = (d,)
-        shapes[f"{p}/ln_1/bias"] = (d,)
-        for name in ("query", "key", "value"):
-            shapes[f"{p}/attn/{name}/kernel"] = (d, heads, hd)
-            shapes[f"{p}/attn/{name}/bias"] = (heads, hd)
-        shapes[f"{p}/attn/out/kernel"] = (heads, hd, d)
-        shapes[f"{p}/attn/out/bias"] = (d,)
-        shapes[f"{p}/ln_2/scale"] = (d,)
-        shapes[f"{p}/ln_2/bias"] = (d,)
-        shapes[f"{p}/mlp/fc/kernel"] = (d, 4 * d)
-        shapes[f"{p}/mlp/fc/bias"] = (4 * d,)
-        shapes[f"{p}/mlp/proj/kernel"] = (4 * d, d)
-        shapes[f"{p}/mlp/proj/bias"] = (d,)
-    shapes["ln_f/scale"] = (d,)
-    shapes["ln_f/bias"] = (d,)
-    return shapes
-
-
-GPT2_RULES = optax_gc.path_rules(
-    {
-        r"embedding$": None,
-        r"bias$": None,
-        r"(query|key|value)/kernel$": (1, 2),
-        r"out/kernel$": (2,),
-    }
-)
+# --- gradient trees (real models' shapes are in benchmarks.models) ---------------
 
 
 def small_kernels_shapes(n=1000):
@@ -125,7 +67,7 @@ def tree_bytes(tree):
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
-# --- GC formulations (rows 2-4; the experiments are kept for the record) ------
+# --- GC formulations ----------------------------------------------------------
 
 
 def _fan_in(x, output_axes=(-1,)):
@@ -143,43 +85,6 @@ def naive_tree(tree, output_axes=(-1,)):
         if x.ndim < 2:
             return x
         return x - x.mean(axis=_fan_in(x, output_axes), keepdims=True)
-
-    return jax.tree.map(f, tree)
-
-
-def reshape2d_tree(tree):
-    """Experiment: view each (..., out) kernel as (M, N), mean over rows."""
-
-    def f(x):
-        if x.ndim < 2:
-            return x
-        x2 = x.reshape(-1, x.shape[-1])
-        return (x2 - x2.mean(axis=0, keepdims=True)).reshape(x.shape)
-
-    return jax.tree.map(f, tree)
-
-
-def ones_matmul_tree(tree):
-    """Experiment: column sums as a ones-vector contraction (GEMV)."""
-
-    def f(x):
-        if x.ndim < 2:
-            return x
-        x2 = x.reshape(-1, x.shape[-1])
-        mean = (jnp.ones((1, x2.shape[0]), x.dtype) @ x2) / x2.shape[0]
-        return (x2 - mean).reshape(x.shape)
-
-    return jax.tree.map(f, tree)
-
-
-def transposed_tree(tree):
-    """Experiment: transpose to (N, M), reduce the contiguous axis, transpose back."""
-
-    def f(x):
-        if x.ndim < 2:
-            return x
-        t = x.reshape(-1, x.shape[-1]).T
-        return (t - t.mean(axis=1, keepdims=True)).T.reshape(x.shape)
 
     return jax.tree.map(f, tree)
 
@@ -229,7 +134,7 @@ def stateful(step, init):
 # --- the tables ---------------------------------------------------------------
 
 
-def table_transforms(name, shapes, repeats, experiments, output_axes=-1):
+def table_transforms(name, shapes, repeats, output_axes=-1):
     tree = make_tree(shapes)
     axes = (output_axes,) if isinstance(output_axes, int) else None
     fns = {
@@ -242,10 +147,6 @@ def table_transforms(name, shapes, repeats, experiments, output_axes=-1):
             functools.partial(optax_gc_tree, output_axes=output_axes)
         ),
     }
-    if experiments:
-        fns["exp: reshape to (M, N)"] = jax.jit(reshape2d_tree)
-        fns["exp: ones @ G"] = jax.jit(ones_matmul_tree)
-        fns["exp: transposed"] = jax.jit(transposed_tree)
     medians, samples = interleaved(fns, lambda _: (tree,), repeats)
     base = medians["copy (roofline proxy)"]
     rows = [(k, v, v / base) for k, v in medians.items()]
@@ -336,9 +237,6 @@ def memory_stats(compiled, opt_state):
 
 def table_train_step(repeats, tiny):
     """A full Flax CNN train step (forward + backward + adam) with and without GC."""
-    sys.path.insert(0, str(pathlib.Path(__file__).parent))
-    from train import CNN
-
     width, batch, size = (4, 8, 8) if tiny else (16, 128, 28)
     model = CNN(width=width, stem_stride=1)
     x = jax.random.normal(jax.random.key(1), (batch, size, size, 1))
@@ -450,14 +348,11 @@ def fmt_table(result):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.overhead", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--tiny", action="store_true", help="tiny trees, few repeats")
-    p.add_argument(
-        "--experiments",
-        action="store_true",
-        help="also time the alternative GC formulations",
-    )
     p.add_argument("--skip-gpt2", action="store_true")
     p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = p.parse_args(argv)
@@ -485,7 +380,7 @@ def main(argv=None):
         n = sum(math.prod(s) for s in shapes.values())
         label = f"{name}: {n / 1e6:.1f}M params, {len(shapes)} leaves"
         transform_axes = -1 if callable(axes) else axes
-        res = table_transforms(label, shapes, repeats, args.experiments, transform_axes)
+        res = table_transforms(label, shapes, repeats, transform_axes)
         if callable(axes):  # GPT-2: our per-leaf rules vs plain -1
             tree = make_tree(shapes)
             rules_fn = jax.jit(functools.partial(optax_gc_tree, output_axes=axes))

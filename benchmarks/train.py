@@ -1,8 +1,10 @@
 """GC vs baseline: a small Flax CNN on real images, several seeds, one command.
 
-    python benchmarks/train.py                          # digits, 5 seeds
-    python benchmarks/train.py --dataset fashion-mnist  # needs the Debian
+    python -m benchmarks.train                          # digits, 5 seeds
+    python -m benchmarks.train --dataset fashion-mnist  # needs the Debian
                                                         # package dataset-fashion-mnist
+
+Run it from the repository root. The model is ``benchmarks.models.CNN``.
 
 Each seed trains every optimizer twice, with and without Gradient
 Centralization, from the same initialization and with the same data order:
@@ -36,13 +38,13 @@ import platform
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 import optax_gc
+from benchmarks.models import CNN
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_FILES = {
@@ -116,34 +118,7 @@ def load_fashion_mnist(data_dir: str, train_subset: int | None):
     )
 
 
-# --- model ---------------------------------------------------------------------
-
-
-class CNN(nn.Module):
-    """conv-conv-pool-conv-pool-dense, BatchNorm after every convolution.
-
-    ``stem_stride=2`` (used for 28x28 Fashion-MNIST) makes the first
-    convolution strided, so the rest runs at 14x14: on two CPU cores this is
-    what makes 5 seeds x 5 runs fit in about half an hour.
-    """
-
-    width: int = 16
-    stem_stride: int = 1
-    num_classes: int = 10
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        def conv_bn_relu(x, features, stride=1):
-            x = nn.Conv(features, (3, 3), strides=stride, use_bias=False)(x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
-            return nn.relu(x)
-
-        x = conv_bn_relu(x, self.width, self.stem_stride)
-        x = conv_bn_relu(x, 2 * self.width)
-        x = nn.max_pool(x, (2, 2), (2, 2))
-        x = conv_bn_relu(x, 4 * self.width)
-        x = nn.max_pool(x, (2, 2), (2, 2))
-        return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+# --- optimizers -----------------------------------------------------------------
 
 
 def make_optimizer(name: str, gc: bool) -> optax.GradientTransformation:
@@ -357,7 +332,9 @@ def versions():
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.train", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--dataset", choices=list(DEFAULTS), default="digits")
     p.add_argument("--epochs", type=int, help="default: 15")
     p.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (default 5)")

@@ -1,28 +1,14 @@
-"""benchmarks/train.py end to end on tiny settings (the README's main job)."""
+"""benchmarks.train end to end on tiny settings (the README's main job)."""
 
 import gzip
-import importlib.util
 import json
 import pathlib
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from benchmarks import train
 
-
-def _load_train():
-    spec = importlib.util.spec_from_file_location(
-        "train", ROOT / "benchmarks" / "train.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train"] = module  # flax dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load_train()
 TINY = ["--epochs", "1", "--train-subset", "96", "--batch-size", "32"]
 
 
