@@ -1,0 +1,1 @@
+"""Tests for optax_gc; bare ``pytest`` imports them as the ``tests`` package."""

@@ -1,0 +1,1 @@
+"""One test file per recipe page in docs/recipes/."""
