@@ -2,23 +2,22 @@
 
 import importlib.metadata
 
-from optax_gc._alias import gc_adam, gc_adamw, gc_sgd, with_gc
-from optax_gc._transform import (
-    AxesLike,
-    OutputAxes,
-    OutputAxesFn,
-    centralize,
-    centralize_array,
-    gc_fraction,
-)
-from optax_gc._utils import path_rules
+from optax_gc._alias import gc_adam, gc_adamw, gc_sgd
+from optax_gc._axes import AxesLike, OutputAxes, OutputAxesFn
+from optax_gc._diagnostics import gc_fraction
+from optax_gc._path_rules import PathRules, UnmatchedPatternWarning, path_rules
+from optax_gc._placement import Location, with_gc
+from optax_gc._transform import centralize, centralize_array
 
 __version__ = importlib.metadata.version("optax-gc")
 
 __all__ = [
     "AxesLike",
+    "Location",
     "OutputAxes",
     "OutputAxesFn",
+    "PathRules",
+    "UnmatchedPatternWarning",
     "centralize",
     "centralize_array",
     "gc_adam",

@@ -1,136 +1,145 @@
-"""GC inside optimizers: ``with_gc`` and the authors' optimizers as aliases."""
+"""The authors' optimizers as optax aliases: ``gc_sgd``, ``gc_adam``, ``gc_adamw``.
+
+Each takes its optax counterpart's parameters in optax's order with optax's
+defaults, then GC's options keyword-only, and delegates to the optax alias.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
-from optax_gc._transform import OutputAxes, centralize
-
-_LOCATIONS = ("gradient", "update")
-
-# The aliases default to the tuple (-1,) rather than -1: optax.inject_hyperparams
-# turns every int/float argument into a traced array, but leaves tuples static.
-_DEFAULT_AXES = (-1,)
+from optax_gc._axes import DEFAULT_OUTPUT_AXES, OutputAxes
+from optax_gc._placement import Location, with_gc
 
 
-def with_gc(
-    tx: optax.GradientTransformation,
-    *,
-    location: str = "update",
-    output_axes: OutputAxes = -1,
-    conv_only: bool = False,
-) -> optax.GradientTransformationExtraArgs:
-    r"""Adds Gradient Centralization to any optax optimizer.
+def check_weight_decay(weight_decay: Any, where: str, schedule_ok: bool) -> None:
+    """Rejects every concrete value that is not a finite real number >= 0.
 
-    Two placements, the two the paper's authors ship (``gc_loc``):
-
-    * ``location="gradient"``: Φ is applied to the incoming gradient, before
-      ``tx`` sees it (``optax.chain(centralize(), tx)``; the authors'
-      ``gc_loc=True``). For SGD with or without momentum this is the paper's
-      GC; for adaptive methods the per-element denominator undoes part of it.
-    * ``location="update"`` (default): Φ is applied to ``tx``'s final update
-      (``optax.chain(tx, centralize())``; the authors' ``gc_loc=False``, which
-      they advise for Adam-type methods). Φ is linear, so it commutes with any
-      scalar learning rate or schedule, and every step keeps each output
-      unit's mean weight :math:`e^\top w_i` fixed: projected descent on that
-      constraint, whatever ``tx`` is.
-
-    The state is ``tx``'s own state, unchanged: a checkpoint of ``tx`` restores
-    into ``with_gc(tx)`` and back.
-
-    Args:
-      tx: the optimizer to wrap.
-      location: ``"update"`` or ``"gradient"``, see above.
-      output_axes: see :func:`optax_gc.centralize`.
-      conv_only: see :func:`optax_gc.centralize`.
-
-    Returns:
-      A :class:`optax.GradientTransformationExtraArgs` with ``tx``'s state.
-
-    Raises:
-      ValueError: if ``tx``, ``location`` or a GC option is invalid.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> import optax
-      >>> import optax_gc
-      >>> params = {"kernel": jnp.array([[1.0, 2.0], [3.0, 4.0]])}
-      >>> grads = {"kernel": jnp.array([[1.0, 0.0], [0.0, 1.0]])}
-      >>> tx = optax_gc.with_gc(optax.adam(0.1), location="update")
-      >>> updates, _ = tx.update(grads, tx.init(params), params)
-      >>> print(updates["kernel"].round(4))  # column means stay at zero
-      [[-0.05  0.05]
-       [ 0.05 -0.05]]
-
-    References:
-      Yong et al, `Gradient Centralization: A New Optimization Technique for
-      Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_, ECCV 2020.
+    Traced values (``optax.inject_hyperparams`` under ``jit``) pass unchecked;
+    so do schedules where the optimizer accepts them.
     """
-    if not isinstance(tx, optax.GradientTransformation):
+    if isinstance(weight_decay, jax.core.Tracer):
+        return
+    if schedule_ok and callable(weight_decay):
+        return
+    kind = "a real number >= 0" + (" or a schedule" if schedule_ok else "")
+    ok_type = isinstance(weight_decay, (int, float, np.number, np.ndarray, jax.Array))
+    if not ok_type or isinstance(weight_decay, (bool, np.bool_)):
+        raise ValueError(f"{where}: weight_decay must be {kind}, got {weight_decay!r}.")
+    value = np.asarray(weight_decay)
+    if value.ndim != 0 or not (
+        np.issubdtype(value.dtype, np.floating)
+        or np.issubdtype(value.dtype, np.integer)
+    ):
         raise ValueError(
-            f"with_gc: tx must be an optax.GradientTransformation, got {tx!r}."
+            f"{where}: weight_decay must be {kind} (a scalar), got {weight_decay!r}."
         )
-    if location not in _LOCATIONS:
-        raise ValueError(
-            f"with_gc: location must be one of {_LOCATIONS}, got {location!r}."
-        )
-    gc = centralize(output_axes=output_axes, conv_only=conv_only)
-    inner = optax.with_extra_args_support(tx)
-    before = location == "gradient"
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"{where}: weight_decay must be {kind}, got {weight_decay!r}.")
+
+
+def _injected_l2(
+    weight_decay: jax.Array, where: str
+) -> optax.GradientTransformationExtraArgs:
+    """Coupled L2 whose coefficient is an array (``inject_hyperparams``).
+
+    Its value may only be known at run time, so the transform is always in the
+    chain. With ``params`` it is ``optax.add_decayed_weights``. Without
+    ``params`` (as plain ``optax.adam`` allows) nothing can be decayed: a zero
+    coefficient passes the updates through; a concrete non-zero one raises; a
+    traced non-zero one turns the updates into NaN rather than silently
+    dropping the decay.
+    """
+    decay = optax.add_decayed_weights(weight_decay)
 
     def update_fn(updates, state, params=None, **extra_args):
-        if before:
-            updates, _ = gc.update(updates, None)
-        updates, state = inner.update(updates, state, params, **extra_args)
-        if not before:
-            updates, _ = gc.update(updates, None)
-        return updates, state
+        del extra_args
+        if params is not None:
+            return decay.update(updates, state, params)
+        if not isinstance(weight_decay, jax.core.Tracer):
+            if float(weight_decay) != 0:
+                raise ValueError(
+                    f"{where}: weight_decay={float(weight_decay)} needs params: "
+                    "call update(grads, state, params)."
+                )
+            return updates, state
 
-    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+        def guard(u):
+            if not jnp.issubdtype(u.dtype, jnp.inexact):
+                return u
+            return jnp.where(weight_decay == 0, u, jnp.nan).astype(u.dtype)
+
+        return jax.tree.map(guard, updates), state
+
+    return optax.GradientTransformationExtraArgs(decay.init, update_fn)
 
 
-def _check_weight_decay(weight_decay, where: str) -> None:
-    if isinstance(weight_decay, (int, float)) and weight_decay < 0:
-        raise ValueError(f"{where}: weight_decay must be >= 0, got {weight_decay}.")
+def _with_l2(
+    tx: optax.GradientTransformationExtraArgs, weight_decay: Any, where: str
+) -> optax.GradientTransformationExtraArgs:
+    """Adds coupled L2 decay ahead of ``tx``; nothing for a concrete 0."""
+    check_weight_decay(weight_decay, where, schedule_ok=False)
+    if isinstance(weight_decay, jax.Array):
+        return optax.chain(_injected_l2(weight_decay, where), tx)
+    if float(weight_decay) == 0:
+        return tx
+    return optax.chain(optax.add_decayed_weights(weight_decay), tx)
 
 
 def gc_sgd(
     learning_rate: optax.ScalarOrSchedule,
     momentum: float | None = None,
     nesterov: bool = False,
-    weight_decay: float = 0.0,
+    accumulator_dtype: Any | None = None,
     *,
-    output_axes: OutputAxes = _DEFAULT_AXES,
+    weight_decay: float = 0.0,
+    output_axes: OutputAxes = DEFAULT_OUTPUT_AXES,
     conv_only: bool = False,
+    partition_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD with Gradient Centralization, as the authors' ``SGD(use_gc=True)``.
 
-    Each step computes :math:`g \leftarrow \Phi(g + \lambda w)`: the L2 decay is
-    added first, then the sum is centralized, then momentum (heavy-ball or
-    Nesterov, optax's ``trace``, which is PyTorch's ``SGD`` with
-    ``dampening=0``) and the learning rate. For SGD, centralizing the gradient
-    or the final update gives the same step.
+    ``optax.sgd``'s parameters, in its order, then GC's options. Each step
+    computes :math:`g \leftarrow \Phi(g + \lambda w)`: the L2 decay is added
+    first, then the sum is centralized, then momentum (heavy-ball or Nesterov,
+    optax's ``trace``, which is PyTorch's ``SGD`` with ``dampening=0``) and the
+    learning rate. For SGD, centralizing the gradient or the final update gives
+    the same step.
 
     Args:
       learning_rate: a float or an optax schedule.
       momentum: momentum decay, or ``None`` for plain SGD.
       nesterov: use Nesterov momentum.
-      weight_decay: coupled L2 coefficient :math:`\lambda`, added to the gradient
-        before GC (0 adds nothing).
-      output_axes: see :func:`optax_gc.centralize`; ``(-1,)`` is ``-1``.
-        Under ``optax.inject_hyperparams`` give a tuple (ints would be
-        injected as arrays) or list a callable in ``static_args``.
+      accumulator_dtype: dtype of the momentum buffer, as in ``optax.sgd``.
+      weight_decay: coupled L2 coefficient :math:`\lambda`, added to the
+        gradient before GC. A literal 0 adds nothing (and ``update`` needs no
+        ``params``); under ``optax.inject_hyperparams`` the coefficient is an
+        array, and ``update`` without ``params`` passes the updates through
+        while it is 0 and returns NaN updates if it is changed to non-zero.
+      output_axes: see :func:`optax_gc.centralize`. Under
+        ``optax.inject_hyperparams`` give a tuple (ints would be injected as
+        arrays) and list a callable in ``static_args``.
       conv_only: see :func:`optax_gc.centralize` (the paper's GCC).
+      partition_specs: see :func:`optax_gc.centralize` (inside ``shard_map``).
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs`.
+
+    Raises:
+      ValueError: if ``weight_decay`` is not a real number >= 0 (any concrete
+        value is checked), or a GC option is invalid.
 
     Examples:
       >>> import jax.numpy as jnp
       >>> import optax_gc
       >>> params = {"kernel": jnp.zeros((2, 2))}
       >>> grads = {"kernel": jnp.array([[1.0, 2.0], [3.0, 2.0]])}
-      >>> tx = optax_gc.gc_sgd(0.5, momentum=0.9, weight_decay=5e-4)
+      >>> tx = optax_gc.gc_sgd(0.5, 0.9, weight_decay=5e-4)
       >>> updates, _ = tx.update(grads, tx.init(params), params)
       >>> print(updates["kernel"])
       [[ 0.5 -0. ]
@@ -140,23 +149,14 @@ def gc_sgd(
       Yong et al, `Gradient Centralization: A New Optimization Technique for
       Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_, ECCV 2020.
     """
-    _check_weight_decay(weight_decay, "gc_sgd")
     tx = with_gc(
-        optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+        optax.sgd(learning_rate, momentum, nesterov, accumulator_dtype),
         location="gradient",
         output_axes=output_axes,
         conv_only=conv_only,
+        partition_specs=partition_specs,
     )
-    return _with_l2(tx, weight_decay)
-
-
-def _with_l2(
-    tx: optax.GradientTransformationExtraArgs, weight_decay: float
-) -> optax.GradientTransformationExtraArgs:
-    """Adds coupled L2 decay ahead of ``tx`` (nothing when it is literally 0)."""
-    if isinstance(weight_decay, (int, float)) and weight_decay == 0:
-        return tx
-    return optax.chain(optax.add_decayed_weights(weight_decay), tx)
+    return _with_l2(tx, weight_decay, "gc_sgd")
 
 
 def gc_adam(
@@ -164,37 +164,47 @@ def gc_adam(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    eps_root: float = 0.0,
+    mu_dtype: Any | None = None,
     *,
-    location: str = "update",
-    output_axes: OutputAxes = _DEFAULT_AXES,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    location: Location = "update",
+    output_axes: OutputAxes = DEFAULT_OUTPUT_AXES,
     conv_only: bool = False,
+    partition_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam with Gradient Centralization, as the authors' ``Adam(use_gc=True)``.
 
-    Coupled L2 decay is added to the gradient first (:math:`g + \lambda w`, as
+    ``optax.adam``'s parameters, in its order, then GC's options. Coupled L2
+    decay is added to the gradient first (:math:`g + \lambda w`, as
     ``torch.optim.Adam``'s ``weight_decay``). Then:
 
     * ``location="gradient"`` (authors' ``gc_loc=True``): Φ on that gradient,
       before the moments.
     * ``location="update"`` (authors' ``gc_loc=False``, default): Φ on the
-      final direction :math:`\hat m / (\sqrt{\hat v} + \epsilon)`, which keeps
-      each output unit's mean weight fixed.
+      final direction :math:`\hat m / (\sqrt{\hat v} + \epsilon)`, which
+      keeps each output unit's mean weight fixed.
 
     Args:
       learning_rate: a float or an optax schedule.
       b1: first-moment decay.
       b2: second-moment decay.
       eps: added to the denominator, outside the square root.
-      weight_decay: coupled L2 coefficient (0 adds nothing).
+      eps_root: added to the second moment, inside the square root.
+      mu_dtype: dtype of the first moment, as in ``optax.adam``.
+      nesterov: Nesterov momentum (NAdam), as in ``optax.adam``.
+      weight_decay: coupled L2 coefficient, see :func:`optax_gc.gc_sgd`.
       location: ``"update"`` or ``"gradient"``, see above.
-      output_axes: see :func:`optax_gc.centralize`; ``(-1,)`` is ``-1``.
-        Under ``optax.inject_hyperparams`` give a tuple (ints would be
-        injected as arrays) or list a callable in ``static_args``.
+      output_axes: see :func:`optax_gc.gc_sgd`.
       conv_only: see :func:`optax_gc.centralize` (the paper's GCC).
+      partition_specs: see :func:`optax_gc.centralize` (inside ``shard_map``).
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs`.
+
+    Raises:
+      ValueError: if ``weight_decay``, ``location`` or a GC option is invalid.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -211,14 +221,14 @@ def gc_adam(
       Yong et al, `Gradient Centralization: A New Optimization Technique for
       Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_, ECCV 2020.
     """
-    _check_weight_decay(weight_decay, "gc_adam")
     tx = with_gc(
-        optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
+        optax.adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
         location=location,
         output_axes=output_axes,
         conv_only=conv_only,
+        partition_specs=partition_specs,
     )
-    return _with_l2(tx, weight_decay)
+    return _with_l2(tx, weight_decay, "gc_adam")
 
 
 def gc_adamw(
@@ -226,16 +236,21 @@ def gc_adamw(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 1e-4,
+    eps_root: float = 0.0,
+    mu_dtype: Any | None = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: optax.MaskOrFn = None,
     *,
-    location: str = "update",
-    output_axes: OutputAxes = _DEFAULT_AXES,
+    nesterov: bool = False,
+    location: Location = "update",
+    output_axes: OutputAxes = DEFAULT_OUTPUT_AXES,
     conv_only: bool = False,
+    partition_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdamW (decoupled weight decay) with Gradient Centralization.
 
-    The decay is decoupled exactly as in ``optax.adamw``: the step is
+    ``optax.adamw``'s parameters, in its order, then GC's options. The decay is
+    decoupled exactly as in ``optax.adamw``: the step is
     :math:`-\eta\,(\hat m / (\sqrt{\hat v} + \epsilon) + \lambda w)`.
 
     * ``location="gradient"``: Φ on the raw gradient, before the moments; the
@@ -251,16 +266,22 @@ def gc_adamw(
       b1: first-moment decay.
       b2: second-moment decay.
       eps: added to the denominator, outside the square root.
-      weight_decay: decoupled decay coefficient :math:`\lambda`.
+      eps_root: added to the second moment, inside the square root.
+      mu_dtype: dtype of the first moment, as in ``optax.adamw``.
+      weight_decay: decoupled decay coefficient :math:`\lambda` (or a
+        schedule where the installed ``optax.adamw`` accepts one).
       mask: which leaves are decayed, as in ``optax.adamw``.
+      nesterov: Nesterov momentum, as in ``optax.adamw``.
       location: ``"update"`` or ``"gradient"``, see above.
-      output_axes: see :func:`optax_gc.centralize`; ``(-1,)`` is ``-1``.
-        Under ``optax.inject_hyperparams`` give a tuple (ints would be
-        injected as arrays) or list a callable in ``static_args``.
+      output_axes: see :func:`optax_gc.gc_sgd`.
       conv_only: see :func:`optax_gc.centralize` (the paper's GCC).
+      partition_specs: see :func:`optax_gc.centralize` (inside ``shard_map``).
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs`.
+
+    Raises:
+      ValueError: if ``weight_decay``, ``location`` or a GC option is invalid.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -280,12 +301,21 @@ def gc_adamw(
       Loshchilov and Hutter, `Decoupled Weight Decay Regularization
       <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
     """
-    _check_weight_decay(weight_decay, "gc_adamw")
+    check_weight_decay(weight_decay, "gc_adamw", schedule_ok=True)
     return with_gc(
         optax.adamw(
-            learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask
+            learning_rate,
+            b1,
+            b2,
+            eps,
+            eps_root,
+            mu_dtype,
+            weight_decay,
+            mask,
+            nesterov=nesterov,
         ),
         location=location,
         output_axes=output_axes,
         conv_only=conv_only,
+        partition_specs=partition_specs,
     )

@@ -3,98 +3,54 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, TypeAlias
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+from jax.sharding import PartitionSpec
 
-AxesLike: TypeAlias = int | Sequence[int]
-"""One output axis or several; negative values count from the end."""
-
-OutputAxesFn: TypeAlias = Callable[[jax.tree_util.KeyPath, Any], AxesLike | None]
-"""A per-leaf rule ``(key_path, leaf) -> axes | None``; ``None`` skips the leaf."""
-
-OutputAxes: TypeAlias = AxesLike | OutputAxesFn
-"""What ``output_axes`` accepts: axes for every leaf, or a per-leaf rule."""
-
-
-def _path_str(path: jax.tree_util.KeyPath) -> str:
-    return jax.tree_util.keystr(path) or "<root>"
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+from optax_gc._axes import (
+    DEFAULT_OUTPUT_AXES,
+    AxesLike,
+    LeafRule,
+    OutputAxes,
+    check_axes_spec,
+    fan_in_axes,
+    fan_in_size,
+    leaf_where,
+    make_leaf_rule,
+    map_leaves,
+    normalize_axes,
+)
 
 
-def _check_axes_spec(spec: Any, where: str) -> tuple[int, ...]:
-    """Validates an int or a sequence of ints (independently of any leaf)."""
-    if isinstance(spec, jax.Array):
-        raise ValueError(
-            f"{where}: output_axes must be static Python ints, got a JAX array "
-            f"{spec!r}. Under optax.inject_hyperparams pass it as a tuple, e.g. "
-            f"output_axes=(0,), or list it in static_args."
-        )
-    if _is_int(spec):
-        return (int(spec),)
-    if isinstance(spec, Sequence) and not isinstance(spec, str):
-        axes = tuple(spec)
-        if axes and all(_is_int(a) for a in axes):
-            axes = tuple(int(a) for a in axes)
-            if len(set(axes)) != len(axes):
-                raise ValueError(f"{where}: output_axes={spec!r} repeats an axis.")
-            return axes
-    raise ValueError(
-        f"{where}: output_axes must be an int, a non-empty tuple of ints, or a "
-        f"callable (path, leaf) -> axes | None; got {spec!r}."
-    )
-
-
-def _normalize_axes(
-    axes: tuple[int, ...], shape: tuple[int, ...], where: str
-) -> tuple[int, ...]:
-    """Maps ``axes`` to sorted non-negative axes of ``shape``, checking they fit."""
-    ndim = len(shape)
-    if any(not -ndim <= a < ndim for a in axes):
-        raise ValueError(
-            f"{where}: output_axes={axes} is out of range for a leaf of shape "
-            f"{shape} (ndim={ndim})."
-        )
-    normalized = tuple(sorted(a % ndim for a in axes))
-    if len(set(normalized)) != len(normalized):
-        raise ValueError(
-            f"{where}: output_axes={axes} names the same axis twice for a leaf of "
-            f"shape {shape}."
-        )
-    if len(normalized) == ndim:
-        raise ValueError(
-            f"{where}: output_axes={axes} keeps every axis of a leaf of shape "
-            f"{shape}, leaving no fan-in to centralize."
-        )
-    return normalized
-
-
-def _fan_in_axes(ndim: int, output_axes: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(a for a in range(ndim) if a not in output_axes)
-
-
-def _subtract_fan_in_mean(g: jax.Array, output_axes: tuple[int, ...]) -> jax.Array:
+def subtract_fan_in_mean(
+    g: jax.Array,
+    output_axes: tuple[int, ...],
+    psum_axis_names: tuple[str, ...] = (),
+    fan_in: int | None = None,
+) -> jax.Array:
     """Φ(g) for validated, non-negative ``output_axes``; keeps ``g``'s dtype.
 
     bf16/f16 (and narrower) leaves are centred in float32 and rounded once.
+    Inside ``shard_map``, ``psum_axis_names`` are the mesh axes that shard a
+    fan-in axis: the local fan-in sums are added across them and divided by
+    the global fan-in size ``fan_in``.
     """
     x = g.astype(jnp.float32) if jnp.dtype(g.dtype).itemsize < 4 else g
-    mean = jnp.mean(x, axis=_fan_in_axes(g.ndim, output_axes), keepdims=True)
+    reduce = fan_in_axes(g.ndim, output_axes)
+    if psum_axis_names:
+        total = jax.lax.psum(jnp.sum(x, axis=reduce, keepdims=True), psum_axis_names)
+        mean = total / fan_in
+    else:
+        mean = jnp.mean(x, axis=reduce, keepdims=True)
     return (x - mean).astype(g.dtype)
 
 
-def _reduced_size(shape: tuple[int, ...], output_axes: tuple[int, ...]) -> int:
-    return math.prod(shape[a] for a in _fan_in_axes(len(shape), output_axes))
-
-
-def centralize_array(g: jax.Array, output_axes: AxesLike = -1) -> jax.Array:
+def centralize_array(
+    g: jax.Array, output_axes: AxesLike = DEFAULT_OUTPUT_AXES
+) -> jax.Array:
     r"""Centralizes one gradient array over its fan-in (the GC operator Φ).
 
     The array is read as a matrix :math:`G \in \mathbb{R}^{M \times N}` whose
@@ -111,9 +67,10 @@ def centralize_array(g: jax.Array, output_axes: AxesLike = -1) -> jax.Array:
 
     Args:
       g: a floating or complex array.
-      output_axes: the axis or axes that index output units (kept). ``-1`` for
-        Flax/Haiku/Keras layouts ``(in, out)``, ``(kh, kw, in, out)``; ``0`` for
-        Equinox/PyTorch layouts ``(out, in, ...)``.
+      output_axes: the axis or axes that index output units (kept). ``(-1,)``
+        (the default, the last axis) for Flax/Haiku/Keras layouts
+        ``(in, out)``, ``(kh, kw, in, out)``; ``0`` for Equinox/PyTorch
+        layouts ``(out, in, ...)``.
 
     Returns:
       ``Φ(g)``, with the same shape and dtype as ``g``.
@@ -138,49 +95,23 @@ def centralize_array(g: jax.Array, output_axes: AxesLike = -1) -> jax.Array:
       Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_, ECCV 2020.
     """
     where = "centralize_array"
-    axes = _check_axes_spec(output_axes, where)
+    axes = check_axes_spec(output_axes, where)
     g = jnp.asarray(g)
     if not jnp.issubdtype(g.dtype, jnp.inexact):
         raise ValueError(
             f"{where}: expected a floating or complex array, got {g.dtype}."
         )
-    axes = _normalize_axes(axes, g.shape, where)
-    if g.size == 0 or _reduced_size(g.shape, axes) == 1:
+    axes = normalize_axes(axes, g.shape, where)
+    if g.size == 0 or fan_in_size(g.shape, axes) == 1:
         return g
-    return _subtract_fan_in_mean(g, axes)
-
-
-def _make_leaf_rule(
-    output_axes: OutputAxes, conv_only: bool, where: str
-) -> Callable[[jax.tree_util.KeyPath, Any], tuple[int, ...] | None]:
-    """Validates the options; returns ``(path, leaf) -> output axes | None``."""
-    if not isinstance(conv_only, bool):
-        raise ValueError(f"{where}: conv_only must be a bool, got {conv_only!r}.")
-    min_ndim = 4 if conv_only else 2
-    fixed = None if callable(output_axes) else _check_axes_spec(output_axes, where)
-
-    def rule(path, g):
-        ndim, dtype = getattr(g, "ndim", 0), getattr(g, "dtype", None)
-        if ndim < min_ndim or dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
-            return None
-        if g.size == 0:
-            return None
-        leaf_where = f"{where} at leaf {_path_str(path)}"
-        if fixed is None:
-            spec = output_axes(path, g)
-            if spec is None:
-                return None
-            axes = _check_axes_spec(spec, leaf_where)
-        else:
-            axes = fixed
-        axes = _normalize_axes(axes, tuple(g.shape), leaf_where)
-        return None if _reduced_size(g.shape, axes) == 1 else axes
-
-    return rule
+    return subtract_fan_in_mean(g, axes)
 
 
 def centralize(
-    *, output_axes: OutputAxes = -1, conv_only: bool = False
+    *,
+    output_axes: OutputAxes = DEFAULT_OUTPUT_AXES,
+    conv_only: bool = False,
+    partition_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Gradient Centralization: removes each output unit's fan-in mean.
 
@@ -193,14 +124,18 @@ def centralize(
     Axis conventions:
 
     * Flax linen/NNX, Haiku, Keras: Dense ``(in, out)``, Conv ``(kh, kw, in,
-      out)``: ``output_axes=-1`` (default).
+      out)``: ``output_axes=(-1,)``, the last axis (default).
     * Equinox, PyTorch: ``(out, in)``, ``(out, in, kh, kw)``: ``output_axes=0``.
-      With this setting the transform equals ``optax.centralize`` on floating
-      leaves of ndim >= 2 (``optax.centralize`` always keeps axis 0, which is
-      wrong for Flax/Haiku kernels).
+      ``optax.centralize`` always keeps axis 0; with ``output_axes=0`` this
+      transform gives bit-identical results on float32/float64/complex leaves
+      of ndim >= 2 whose fan-in has at least two elements. They differ on
+      fan-in-1 leaves (``optax.centralize`` zeros them, this leaves them
+      alone), on bf16/f16 leaves (centred here in float32 and rounded once),
+      on integer leaves (left alone here) and with ``conv_only``.
     * Per-leaf rules: pass a callable ``(key_path, leaf) -> axes | None``, e.g.
       ``(1, 2)`` for DenseGeneral q/k/v kernels ``(in, H, D)``, ``(0, -1)`` for
-      scan-stacked kernels ``(L, in, out)``, ``None`` to skip embeddings. The
+      scan-stacked kernels ``(L, in, out)``, ``None`` to skip embeddings
+      (:func:`optax_gc.path_rules` builds one from path patterns). The
       callable is called at trace time, only on leaves that pass the checks
       below.
 
@@ -211,18 +146,32 @@ def centralize(
     Dense layer with one input), which Φ would set to zero. bf16/f16 means are
     accumulated in float32; every leaf keeps its dtype, shape and sharding.
 
+    Sharding: under ``jax.jit`` with sharded arrays (``NamedSharding``) the
+    means are global and nothing needs to be said. Inside ``shard_map`` each
+    device sees only its shard, so a leaf whose fan-in axis is sharded would
+    get per-shard means; pass the ``PartitionSpec`` tree given to
+    ``shard_map`` for the parameters as ``partition_specs``, and GC sums each
+    shard's fan-in, ``psum``\ s over the mesh axes that shard a fan-in axis
+    and divides by the global fan-in size. Leaves sharded only along output
+    axes need no collective.
+
     Args:
       output_axes: the axes that index output units, as an int or tuple of ints
         for every leaf, or a callable giving them per leaf (see above).
       conv_only: if True, only leaves with ndim >= 4 are centralized (GCC).
+      partition_specs: inside ``shard_map`` only: a ``PartitionSpec`` (for
+        every leaf) or a tree of them with the structure of the updates (or a
+        prefix of it), as given to ``shard_map``'s ``in_specs``. ``None``
+        (default): no collectives.
 
     Returns:
       A stateless :class:`optax.GradientTransformationExtraArgs`.
 
     Raises:
       ValueError: at construction if an option is malformed; at trace time,
-        naming the leaf's key path, if ``output_axes`` does not fit a leaf (out
-        of range, a repeated axis, or every axis kept).
+        naming the leaf's key path, if ``output_axes`` or ``partition_specs``
+        does not fit a leaf (out of range, a repeated axis, every axis kept, a
+        tree structure that does not match).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -243,7 +192,9 @@ def centralize(
       Yong et al, `Gradient Centralization: A New Optimization Technique for
       Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_, ECCV 2020.
     """
-    rule = _make_leaf_rule(output_axes, conv_only, "centralize")
+    where = "centralize"
+    rule = make_leaf_rule(output_axes, conv_only, where)
+    check_partition_specs(partition_specs, where)
 
     def init_fn(params):
         del params
@@ -251,61 +202,97 @@ def centralize(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        updates = jax.tree_util.tree_map_with_path(
-            lambda path, g: _apply_rule(rule, path, g), updates
-        )
+        updates = centralize_tree(updates, rule, output_axes, partition_specs, where)
         return updates, state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _apply_rule(rule, path, g):
-    axes = rule(path, g)
-    return g if axes is None else _subtract_fan_in_mean(g, axes)
+def _is_spec(x: Any) -> bool:
+    return x is None or isinstance(x, PartitionSpec)
 
 
-def gc_fraction(
-    grads: optax.Updates, *, output_axes: OutputAxes = -1, conv_only: bool = False
-) -> optax.Updates:
-    r"""Per leaf, the share of the gradient's norm that GC removes.
+def check_partition_specs(partition_specs: Any, where: str) -> None:
+    """Construction-time check: ``None``, a PartitionSpec, or a tree of them."""
+    if partition_specs is None or isinstance(partition_specs, PartitionSpec):
+        return
+    for leaf in jax.tree.leaves(partition_specs, is_leaf=_is_spec):
+        if not _is_spec(leaf):
+            raise ValueError(
+                f"{where}: partition_specs must be a jax.sharding.PartitionSpec "
+                f"or a tree of them, got a leaf {leaf!r}."
+            )
 
-    For each leaf, :math:`\|g - \Phi(g)\| / \|g\|`, a float32 scalar in
-    :math:`[0, 1]`: 0 when every fan-in already has zero mean, 1 when each
-    output unit's gradient is constant over its fan-in. Leaves that
-    :func:`optax_gc.centralize` leaves untouched (same rules, same options)
-    report 0, as does an all-zero gradient. Useful to log next to the loss;
-    jit-compatible.
 
-    Args:
-      grads: a gradient pytree.
-      output_axes: see :func:`optax_gc.centralize`.
-      conv_only: see :func:`optax_gc.centralize`.
+def _broadcast_specs(partition_specs: Any, updates: Any, where: str) -> Any:
+    """A PartitionSpec per leaf of ``updates`` from a (prefix) spec tree."""
 
-    Returns:
-      A pytree of float32 scalars with the structure of ``grads``.
+    def fill(spec, subtree):
+        spec = PartitionSpec() if spec is None else spec
+        return jax.tree.map(lambda _: spec, subtree)
 
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> import optax_gc
-      >>> grads = {"kernel": jnp.array([[1.0, 1.0], [1.0, -1.0]]),
-      ...          "bias": jnp.array([1.0, 2.0])}
-      >>> fractions = optax_gc.gc_fraction(grads)
-      >>> print(fractions["kernel"], fractions["bias"])
-      0.70710677 0.0
+    try:
+        return jax.tree.map(fill, partition_specs, updates, is_leaf=_is_spec)
+    except ValueError as e:
+        raise ValueError(
+            f"{where}: partition_specs must have the tree structure of the "
+            f"updates (or a prefix of it): {e}"
+        ) from None
 
-    References:
-      Yong et al, `Gradient Centralization: A New Optimization Technique for
-      Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_, ECCV 2020.
-    """
-    rule = _make_leaf_rule(output_axes, conv_only, "gc_fraction")
 
-    def fraction(path, g):
-        axes = rule(path, g)
+def _sharded_fan_in(
+    g: jax.Array, spec: PartitionSpec, path: Any, where: str
+) -> tuple[tuple[int, ...], dict[int, tuple[str, ...]]]:
+    """The global shape of a shard, and the mesh axes sharding each dim."""
+    if len(spec) > g.ndim:
+        raise ValueError(
+            f"{leaf_where(where, path)}: partition spec {spec} has more entries "
+            f"than the leaf has dimensions (shape {tuple(g.shape)})."
+        )
+    names: dict[int, tuple[str, ...]] = {}
+    shape = list(g.shape)
+    for dim, entry in enumerate(spec):
+        if entry is None:
+            continue
+        axes = tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+        try:
+            sizes = [jax.lax.psum(1, name) for name in axes]
+        except NameError as e:
+            raise ValueError(
+                f"{leaf_where(where, path)}: partition spec {spec} names a mesh "
+                f"axis that is not bound here ({e}); partition_specs is only "
+                f"for code inside shard_map."
+            ) from None
+        names[dim] = axes
+        shape[dim] *= math.prod(sizes)
+    return tuple(shape), names
+
+
+def centralize_tree(
+    updates: Any,
+    rule: LeafRule,
+    output_axes: OutputAxes,
+    partition_specs: Any,
+    where: str,
+) -> Any:
+    """Φ on every eligible leaf of ``updates`` (the body of ``centralize``)."""
+    if partition_specs is None:
+
+        def leaf_fn(path, g):
+            axes = rule(path, g).axes
+            return g if axes is None else subtract_fan_in_mean(g, axes)
+
+        return map_leaves(leaf_fn, output_axes, where, updates)
+
+    def sharded_leaf_fn(path, g, spec):
+        if not hasattr(g, "ndim"):
+            return g
+        shape, names = _sharded_fan_in(g, spec, path, where)
+        axes = rule(path, g, shape=shape).axes
         if axes is None:
-            return jnp.zeros((), jnp.float32)
-        removed = g - _subtract_fan_in_mean(g, axes)
-        norm = jnp.linalg.norm(jnp.ravel(g)).astype(jnp.float32)
-        removed_norm = jnp.linalg.norm(jnp.ravel(removed)).astype(jnp.float32)
-        return jnp.where(norm > 0, removed_norm / jnp.where(norm > 0, norm, 1), 0.0)
+            return g
+        sharded = [n for d, ns in names.items() if d not in axes for n in ns]
+        return subtract_fan_in_mean(g, axes, tuple(sharded), fan_in_size(shape, axes))
 
-    return jax.tree_util.tree_map_with_path(fraction, grads)
+    specs = _broadcast_specs(partition_specs, updates, where)
+    return map_leaves(sharded_leaf_fn, output_axes, where, updates, specs)

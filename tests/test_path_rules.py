@@ -1,7 +1,9 @@
 """optax_gc.path_rules: per-leaf output axes from key-path patterns."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import optax_gc
@@ -27,7 +29,7 @@ def test_nnx_value_suffix_is_dropped():
 
     model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
     grads = nnx.state(model, nnx.Param)
-    rule = optax_gc.path_rules({r"^kernel$": None}, default=-1)
+    rule = optax_gc.path_rules({r"^kernel$": None, r"^bias$": None}, default=-1)
     out = _apply(rule, grads)
     np.testing.assert_array_equal(out["kernel"][...], grads["kernel"][...])
 
@@ -47,7 +49,70 @@ def test_bad_rules_rejected_at_construction(rules, kwargs, match):
         optax_gc.path_rules(rules, **kwargs)
 
 
-def test_rule_that_does_not_fit_names_the_leaf():
+def test_rule_that_does_not_fit_names_the_leaf_in_pattern_form():
     rule = optax_gc.path_rules({"out/kernel$": (2,)})
-    with pytest.raises(ValueError, match=r"\['out'\]\['kernel'\]"):
-        _apply(rule, {"out": {"kernel": jnp.ones((3, 4))}})
+    grads = {"out": {"kernel": jnp.ones((3, 4))}}
+    with pytest.raises(ValueError, match='"out/kernel"') as info:
+        _apply(rule, grads)
+    # The quoted path, pasted into a rule, matches that leaf.
+    quoted = str(info.value).split('"')[1]
+    fixed = optax_gc.path_rules({f"^{quoted}$": None}, strict=True)
+    np.testing.assert_array_equal(_apply(fixed, grads)["out"]["kernel"], 1.0)
+
+
+def test_decide_gives_the_matching_pattern():
+    rule = optax_gc.path_rules({r"embed": None, r"kernel$": 0})
+    leaf = jnp.ones((2, 2))
+    path = (jax.tree_util.DictKey("dense"), jax.tree_util.DictKey("kernel"))
+    assert rule.decide(path, leaf) == (0, "path_rules 'kernel$'")
+    assert rule(path, leaf) == 0
+    other = (jax.tree_util.DictKey("w"),)
+    assert rule.decide(other, leaf) == ((-1,), "path_rules default")
+
+
+# --- patterns that match nothing --------------------------------------------------
+
+
+def test_unmatched_pattern_warns_once_per_trace():
+    rule = optax_gc.path_rules({r"kernal$": None, r"bias$": None})  # typo
+    grads = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
+    tx = optax_gc.centralize(output_axes=rule)
+    step = jax.jit(tx.update)
+    with pytest.warns(optax_gc.UnmatchedPatternWarning, match="kernal") as record:
+        step(grads, tx.init(grads))
+        step(grads, tx.init(grads))  # cached: no second trace, no second warning
+    assert len(record) == 1
+    assert "['kernal$']" in str(record[0].message)  # bias$ matched a 1-D leaf
+
+
+def test_strict_unmatched_pattern_is_an_error():
+    rule = optax_gc.path_rules({r"kernal$": None}, strict=True)
+    with pytest.raises(ValueError, match="kernal"):
+        _apply(rule, {"kernel": jnp.ones((3, 2))})
+
+
+def test_every_pattern_matching_is_silent(recwarn):
+    rule = optax_gc.path_rules({r"kernel$": -1}, strict=True)
+    _apply(rule, {"kernel": jnp.ones((3, 2))})
+    assert not recwarn.list
+
+
+def test_strict_must_be_a_bool():
+    with pytest.raises(ValueError, match="strict"):
+        optax_gc.path_rules({}, strict="yes")
+
+
+# --- inject_hyperparams ---------------------------------------------------------
+
+
+def test_inject_hyperparams_without_static_args_says_what_to_do():
+    rule = optax_gc.path_rules({r"kernel$": -1})
+    params = {"kernel": jnp.ones((3, 2))}
+    tx = optax.inject_hyperparams(optax_gc.gc_adam)(1e-3, output_axes=rule)
+    with pytest.raises(ValueError, match=r"static_args=\('output_axes',\)"):
+        tx.init(params)
+    tx = optax.inject_hyperparams(optax_gc.gc_adam, static_args=("output_axes",))(
+        1e-3, output_axes=rule
+    )
+    updates, _ = tx.update(params, tx.init(params), params)
+    np.testing.assert_allclose(updates["kernel"].mean(0), 0.0, atol=1e-7)

@@ -3,38 +3,67 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
-
-from optax_gc._transform import AxesLike, OutputAxesFn, _check_axes_spec
-
-
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey, ...
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
+from optax_gc._axes import (
+    DEFAULT_OUTPUT_AXES,
+    AxesLike,
+    AxesRule,
+    check_axes_spec,
+    path_str,
+)
 
 
-def path_str(path: jax.tree_util.KeyPath) -> str:
-    """A key path as ``"params/Dense_0/kernel"`` (the form ``path_rules`` sees).
+class UnmatchedPatternWarning(UserWarning):
+    """A ``path_rules`` pattern matched no leaf of the tree it was applied to."""
 
-    A trailing ``.value`` (Flax NNX ``Variable`` leaves in an ``nnx.State``) is
-    dropped, so one pattern fits NNX states and plain parameter dicts alike.
-    """
-    if path and isinstance(path[-1], jax.tree_util.GetAttrKey):
-        if path[-1].name == "value":
-            path = path[:-1]
-    return "/".join(_key_name(k) for k in path)
+
+class PathRules(AxesRule):
+    """The rule :func:`optax_gc.path_rules` returns; see there."""
+
+    def __init__(self, compiled, default, strict):
+        self.rules = tuple(compiled)
+        self.default = default
+        self.strict = strict
+
+    def decide(self, path: Any, leaf: Any) -> tuple[Any, str]:
+        del leaf
+        name = path_str(path)
+        for regex, axes in self.rules:
+            if regex.search(name):
+                return axes, f"path_rules {regex.pattern!r}"
+        return self.default, "path_rules default"
+
+    def check_tree(self, paths: Sequence[str], where: str) -> None:
+        unmatched = [
+            regex.pattern
+            for regex, _ in self.rules
+            if not any(regex.search(p) for p in paths)
+        ]
+        if not unmatched:
+            return
+        message = (
+            f"{where}: path_rules pattern(s) {unmatched} matched no leaf path "
+            f"of the {len(paths)} it was given (e.g. {list(paths[:3])}); a "
+            "typo there leaves GC on the leaves the rule was meant for."
+        )
+        if self.strict:
+            raise ValueError(message)
+        warnings.warn(message, UnmatchedPatternWarning, stacklevel=2)
+
+    def __repr__(self) -> str:
+        rules = ", ".join(f"{r.pattern!r}: {a!r}" for r, a in self.rules)
+        return f"path_rules({{{rules}}}, default={self.default!r})"
 
 
 def path_rules(
     rules: Mapping[str, AxesLike | None] | Sequence[tuple[str, AxesLike | None]],
     *,
-    default: AxesLike | None = -1,
-) -> OutputAxesFn:
+    default: AxesLike | None = DEFAULT_OUTPUT_AXES,
+    strict: bool = False,
+) -> PathRules:
     r"""Builds a per-leaf ``output_axes`` rule from path patterns.
 
     Each leaf's key path is written as a ``/``-separated string, e.g.
@@ -44,7 +73,16 @@ def path_rules(
     (``None`` leaves the leaf untouched). Leaves no pattern matches get
     ``default``. The usual leaf rules of
     :func:`optax_gc.centralize` apply first (ndim, dtype, size), so biases and
-    norm scales never reach the patterns.
+    norm scales never reach the patterns. Error messages quote leaf paths in
+    the same form, so a path from an error can be pasted into a pattern.
+
+    Each time a transform walks a tree (once per trace under ``jit``), a
+    pattern that matches none of the tree's leaf paths (ineligible leaves
+    included) is reported: an :class:`UnmatchedPatternWarning`, or a
+    ``ValueError`` with ``strict=True``. A typo in a pattern would otherwise
+    leave GC on the leaves the rule was written to protect. The check sees the
+    leaves the transform sees: under ``optax.masked`` or
+    ``optax.multi_transform`` that is the unmasked part.
 
     Typical transformer rules for Flax (linen or NNX) layouts:
 
@@ -63,13 +101,17 @@ def path_rules(
       rules: ``{pattern: axes | None}`` or a sequence of such pairs, tried in
         order.
       default: the axes for leaves no pattern matches (``None``: untouched).
+      strict: raise instead of warn when a pattern matches no leaf.
 
     Returns:
-      A callable ``(key_path, leaf) -> axes | None`` for ``output_axes``.
+      A rule for ``output_axes``: callable as ``rule(key_path, leaf) -> axes |
+      None``. Under ``optax.inject_hyperparams`` list ``output_axes`` in
+      ``static_args`` (it treats callables as schedules).
 
     Raises:
       ValueError: if a pattern is not a valid regular expression or an axes
-        value is malformed (named in the message).
+        value is malformed (named in the message); with ``strict=True``, at
+        trace time, if a pattern matches no leaf.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -99,17 +141,10 @@ def path_rules(
         except (re.error, TypeError) as e:
             raise ValueError(f"path_rules: invalid pattern {pattern!r}: {e}") from None
         if axes is not None:
-            _check_axes_spec(axes, f"path_rules[{pattern!r}]")
+            check_axes_spec(axes, f"path_rules[{pattern!r}]")
         compiled.append((regex, axes))
     if default is not None:
-        _check_axes_spec(default, "path_rules default")
-
-    def rule(path, leaf):
-        del leaf
-        name = path_str(path)
-        for regex, axes in compiled:
-            if regex.search(name):
-                return axes
-        return default
-
-    return rule
+        check_axes_spec(default, "path_rules default")
+    if not isinstance(strict, bool):
+        raise ValueError(f"path_rules: strict must be a bool, got {strict!r}.")
+    return PathRules(compiled, default, strict)

@@ -1,0 +1,143 @@
+"""Where GC sits in an optimizer: ``with_gc``."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeAlias
+
+import jax
+import optax
+
+from optax_gc._axes import DEFAULT_OUTPUT_AXES, OutputAxes, make_leaf_rule
+from optax_gc._transform import centralize_tree, check_partition_specs
+
+Location: TypeAlias = Literal["gradient", "update"]
+"""Where :func:`optax_gc.with_gc` applies GC: the gradient or the final update."""
+
+LOCATIONS: tuple[str, ...] = ("gradient", "update")
+
+
+def _line_search_states() -> tuple[type, ...]:
+    names = ("ScaleByZoomLinesearchState", "ScaleByBacktrackingLinesearchState")
+    return tuple(getattr(optax, n) for n in names if hasattr(optax, n))
+
+
+def _check_no_line_search(state: Any, where: str) -> None:
+    kinds = _line_search_states()
+    found = [
+        type(s).__name__
+        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kinds))
+        if isinstance(s, kinds)
+    ]
+    if found:
+        raise ValueError(
+            f"{where}: the wrapped optimizer runs a line search ({found[0]}), "
+            "which caches the objective's value and gradient for the step it "
+            "proposes; GC on the final update would move the step away from "
+            "what the line search checked. Use location='gradient' (GC on the "
+            "gradient the optimizer sees)."
+        )
+
+
+def with_gc(
+    tx: optax.GradientTransformation,
+    *,
+    location: Location = "update",
+    output_axes: OutputAxes = DEFAULT_OUTPUT_AXES,
+    conv_only: bool = False,
+    partition_specs: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adds Gradient Centralization to an optax optimizer.
+
+    Two placements, the two the paper's authors ship (``gc_loc``):
+
+    * ``location="gradient"``: Φ is applied to the incoming gradient, before
+      ``tx`` sees it (``optax.chain(centralize(), tx)``; the authors'
+      ``gc_loc=True``). For SGD with or without momentum this is the paper's
+      GC; for adaptive methods the per-element denominator undoes part of it.
+    * ``location="update"`` (default): Φ is applied to ``tx``'s final update
+      (``optax.chain(tx, centralize())``; the authors' ``gc_loc=False``, which
+      they advise for Adam-type methods). Φ is linear, so it commutes with any
+      scalar learning rate or schedule, and every step keeps each output
+      unit's mean weight :math:`e^\top w_i` fixed: projected descent on that
+      constraint.
+
+    The state is ``tx``'s own state, unchanged: a checkpoint of ``tx`` restores
+    into ``with_gc(tx)`` and back.
+
+    Exceptions to "any optimizer":
+
+    * Line searches (``optax.lbfgs``, ``scale_by_zoom_linesearch``,
+      ``scale_by_backtracking_linesearch``) check and cache the objective for
+      the step they propose, so GC on the update would break them:
+      ``location="update"`` raises ``ValueError`` at ``init`` (and at
+      ``update``); use ``location="gradient"``.
+    * Schedule-free optimizers (``optax.contrib.schedule_free_*``) keep a
+      second set of evaluation parameters in their state; GC centralizes the
+      updates of the training parameters only, so the per-unit means of the
+      evaluation parameters are not held fixed.
+
+    Args:
+      tx: the optimizer to wrap.
+      location: ``"update"`` or ``"gradient"``, see above.
+      output_axes: see :func:`optax_gc.centralize`.
+      conv_only: see :func:`optax_gc.centralize`.
+      partition_specs: see :func:`optax_gc.centralize` (inside ``shard_map``).
+
+    Returns:
+      A :class:`optax.GradientTransformationExtraArgs` with ``tx``'s state.
+
+    Raises:
+      ValueError: if ``tx``, ``location`` or a GC option is invalid; at
+        ``init``/``update`` if ``location="update"`` and ``tx`` runs a line
+        search.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import optax_gc
+      >>> params = {"kernel": jnp.array([[1.0, 2.0], [3.0, 4.0]])}
+      >>> grads = {"kernel": jnp.array([[1.0, 0.0], [0.0, 1.0]])}
+      >>> tx = optax_gc.with_gc(optax.adam(0.1), location="update")
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> print(updates["kernel"].round(4))  # column means stay at zero
+      [[-0.05  0.05]
+       [ 0.05 -0.05]]
+
+    References:
+      Yong et al, `Gradient Centralization: A New Optimization Technique for
+      Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_, ECCV 2020.
+    """
+    where = "with_gc"
+    if not isinstance(tx, optax.GradientTransformation):
+        raise ValueError(
+            f"{where}: tx must be an optax.GradientTransformation, got {tx!r}."
+        )
+    if location not in LOCATIONS:
+        raise ValueError(
+            f"{where}: location must be one of {LOCATIONS}, got {location!r}."
+        )
+    rule = make_leaf_rule(output_axes, conv_only, where)
+    check_partition_specs(partition_specs, where)
+    inner = optax.with_extra_args_support(tx)
+    before = location == "gradient"
+
+    def gc(updates):
+        return centralize_tree(updates, rule, output_axes, partition_specs, where)
+
+    def init_fn(params):
+        state = inner.init(params)
+        if not before:
+            _check_no_line_search(state, where)
+        return state
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if before:
+            updates = gc(updates)
+        else:
+            _check_no_line_search(state, where)
+        updates, state = inner.update(updates, state, params, **extra_args)
+        if not before:
+            updates = gc(updates)
+        return updates, state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,77 @@
+"""optax_gc.gc_fraction: the share of each gradient that GC removes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_gc
+
+
+def test_values():
+    grads = {
+        "constant": jnp.ones((3, 2)),  # all of it is removed
+        "centred": jnp.array([[1.0, 2.0], [-1.0, -2.0]]),  # nothing removed
+        "half": jnp.array([[2.0], [0.0]]),  # mean [1]: ||[1,1]|| / ||[2,0]||
+        "bias": jnp.ones(3),
+        "zeros": jnp.zeros((2, 2)),
+        "none": None,
+    }
+    out = jax.jit(optax_gc.gc_fraction)(grads)
+    np.testing.assert_allclose(out["constant"], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(out["centred"], 0.0, atol=1e-7)
+    np.testing.assert_allclose(out["half"], np.sqrt(2) / 2, rtol=1e-6)
+    assert out["bias"] == 0.0 and out["zeros"] == 0.0 and out["none"] is None
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(out))
+
+
+def test_follows_the_same_rules_as_centralize():
+    g = jax.random.normal(jax.random.key(3), (4, 6))
+    flax = optax_gc.gc_fraction({"g": g})["g"]
+    torch = optax_gc.gc_fraction({"g": g}, output_axes=0)["g"]
+    gcc = optax_gc.gc_fraction({"g": g}, conv_only=True)["g"]
+    phi = optax_gc.centralize_array(g)
+    np.testing.assert_allclose(
+        flax, np.linalg.norm(g - phi) / np.linalg.norm(g), rtol=1e-5
+    )
+    assert torch != flax and gcc == 0.0
+    with pytest.raises(ValueError, match="output_axes"):
+        optax_gc.gc_fraction({"g": g}, output_axes=(0, 1))
+
+
+def _reference(g, axis=0):
+    g = np.asarray(g, np.float64)
+    removed = np.broadcast_to(g.mean(axis, keepdims=True), g.shape)
+    return np.linalg.norm(removed) / np.linalg.norm(g)
+
+
+def test_float16_is_finite_and_right():
+    # Regression: the squared norms overflowed in float16 and gave NaN.
+    rng = np.random.default_rng(0)
+    g = jnp.asarray(rng.standard_normal((1000, 10)) * 10 + 5, jnp.float16)
+    got = jax.jit(optax_gc.gc_fraction)({"g": g})["g"]
+    assert np.isfinite(got)
+    np.testing.assert_allclose(got, _reference(g), rtol=1e-4)
+
+
+@pytest.mark.parametrize("scale", [2e19, 1e30, 1e-25])
+def test_float32_extremes_are_finite_and_right(scale):
+    # Regression: ||g||^2 overflows float32 near 2e19 (and underflows to 0/0
+    # for tiny gradients).
+    g = jax.random.normal(jax.random.key(0), (50, 4)) + 0.5
+    expected = _reference(g)
+    got = optax_gc.gc_fraction({"g": g * jnp.float32(scale)})["g"]
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
+def test_bfloat16_and_complex():
+    g = jax.random.normal(jax.random.key(1), (64, 3)) + 1.0
+    got = optax_gc.gc_fraction({"g": g.astype(jnp.bfloat16)})["g"]
+    np.testing.assert_allclose(got, _reference(g.astype(jnp.bfloat16)), rtol=1e-3)
+    c = (g + 1j * g[::-1]).astype(jnp.complex64)
+    got = optax_gc.gc_fraction({"c": c})["c"]
+    removed = np.broadcast_to(np.asarray(c).mean(0, keepdims=True), c.shape)
+    np.testing.assert_allclose(
+        got, np.linalg.norm(removed) / np.linalg.norm(np.asarray(c)), rtol=1e-5
+    )
+    assert got.dtype == jnp.float32

@@ -1,0 +1,177 @@
+"""optax_gc.with_gc: GC on the gradient or on the final update of an optimizer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_gc
+from tests.helpers import fan_in_means, run_problem, separable_problem
+
+OPTIMIZERS = {
+    "sgd": lambda: optax.sgd(0.01, momentum=0.9),
+    "adam": lambda: optax.adam(0.01),
+    "adamw": lambda: optax.adamw(0.01, weight_decay=0.1),
+    "lion": lambda: optax.lion(0.003, weight_decay=0.1),
+    "adafactor": lambda: optax.adafactor(0.01),
+    "schedule": lambda: optax.adam(
+        optax.warmup_cosine_decay_schedule(0.0, 0.02, 10, 100)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_update_location_keeps_mean_weights(name):
+    init, _ = separable_problem()
+    final = run_problem(optax_gc.with_gc(OPTIMIZERS[name](), location="update"))
+    plain = run_problem(OPTIMIZERS[name]())
+    for leaf in ("conv", "dense"):
+        start, end = fan_in_means(init)[leaf], fan_in_means(final)[leaf]
+        np.testing.assert_allclose(end, start, atol=2e-5, err_msg=leaf)
+        # The check can fail: without GC the means move.
+        assert np.abs(fan_in_means(plain)[leaf] - start).max() > 1e-2
+    np.testing.assert_array_equal(final["bias"], plain["bias"])
+
+
+def test_gradient_location_does_not_pin_adam_means():
+    init, _ = separable_problem()
+    final = run_problem(optax_gc.with_gc(optax.adam(0.01), location="gradient"))
+    drift = np.abs(fan_in_means(final)["dense"] - fan_in_means(init)["dense"]).max()
+    assert drift > 1e-3
+
+
+@pytest.mark.parametrize("location", ["gradient", "update"])
+def test_placements_are_the_two_chains(location):
+    params, loss = separable_problem()
+    grads = jax.grad(loss)(params)
+    gc, adam = optax_gc.centralize(), optax.adam(0.1)
+    chain = optax.chain(gc, adam) if location == "gradient" else optax.chain(adam, gc)
+    ours = optax_gc.with_gc(optax.adam(0.1), location=location)
+    got, _ = ours.update(grads, ours.init(params), params)
+    expected, _ = chain.update(grads, chain.init(params), params)
+    for k in got:
+        np.testing.assert_array_equal(got[k], expected[k])
+
+
+def test_state_is_inner_state():
+    params, _ = separable_problem()
+    tx = optax.adam(0.1)
+    assert jax.tree.structure(optax_gc.with_gc(tx).init(params)) == jax.tree.structure(
+        tx.init(params)
+    )
+
+
+def test_passes_extra_args():
+    params, loss = separable_problem()
+    grads = jax.grad(loss)(params)
+    tx = optax_gc.with_gc(optax.contrib.reduce_on_plateau(), location="gradient")
+    out, _ = tx.update(grads, tx.init(params), params, value=jnp.asarray(1.0))
+    np.testing.assert_allclose(fan_in_means(out)["dense"], 0.0, atol=1e-5)
+
+
+def test_under_multi_steps():
+    params, loss = separable_problem()
+    tx = optax.MultiSteps(optax_gc.with_gc(optax.sgd(1.0)), every_k_schedule=2)
+    state = tx.init(params)
+    g1 = jax.grad(loss)(params)
+    g2 = jax.tree.map(lambda g: 2 * g, g1)
+    _, state = tx.update(g1, state, params)
+    out, _ = tx.update(g2, state, params)
+    expected = optax_gc.centralize().update(
+        jax.tree.map(lambda a, b: -(a + b) / 2, g1, g2), None
+    )[0]
+    for k in out:
+        np.testing.assert_allclose(out[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+# --- line searches ----------------------------------------------------------------
+
+
+def _quadratic():
+    w0 = {"w": jnp.arange(12.0).reshape(4, 3) / 10}
+    target = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+
+    def value_fn(p):
+        return jnp.sum((p["w"] - target) ** 2 * jnp.arange(1.0, 13.0).reshape(4, 3))
+
+    return w0, value_fn
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optax.lbfgs(),
+        lambda: optax.chain(
+            optax.sgd(1.0),
+            optax.scale_by_backtracking_linesearch(max_backtracking_steps=5),
+        ),
+    ],
+    ids=["lbfgs", "backtracking"],
+)
+def test_line_search_with_update_location_is_refused(make):
+    params, value_fn = _quadratic()
+    tx = optax_gc.with_gc(make(), location="update")
+    with pytest.raises(ValueError, match="line search.*location='gradient'"):
+        tx.init(params)
+    # A state made without GC is refused at update too.
+    state = make().init(params)
+    value, grad = jax.value_and_grad(value_fn)(params)
+    with pytest.raises(ValueError, match="line search"):
+        tx.update(grad, state, params, value=value, grad=grad, value_fn=value_fn)
+
+
+def test_lbfgs_with_gradient_location_descends_and_centres():
+    params, value_fn = _quadratic()
+    tx = optax_gc.with_gc(optax.lbfgs(), location="gradient")
+    state = tx.init(params)
+    start = value_fn(params)
+    value_and_grad = optax.value_and_grad_from_state(value_fn)
+
+    @jax.jit
+    def step(params, state):
+        value, grad = value_and_grad(params, state=state)
+        updates, state = tx.update(
+            grad, state, params, value=value, grad=grad, value_fn=value_fn
+        )
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(5):
+        params, state = step(params, state)
+    assert value_fn(params) < start
+    # L-BFGS's first direction is the (centred) gradient itself, so its column
+    # means are zero; later ones mix in curvature pairs and need not be.
+    first = optax_gc.with_gc(optax.lbfgs(), location="gradient")
+    grad = jax.grad(value_fn)(_quadratic()[0])
+    updates, _ = first.update(
+        grad,
+        first.init(_quadratic()[0]),
+        _quadratic()[0],
+        value=value_fn(_quadratic()[0]),
+        grad=grad,
+        value_fn=value_fn,
+    )
+    np.testing.assert_allclose(fan_in_means(updates)["w"], 0.0, atol=1e-6)
+
+
+# --- bad arguments ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"location": "before"}, "location"),
+        ({"location": None}, "location"),
+        ({"output_axes": "last"}, "output_axes"),
+        ({"conv_only": 1}, "conv_only"),
+        ({"partition_specs": "model"}, "partition_specs"),
+    ],
+)
+def test_bad_arguments_raise_at_construction(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        optax_gc.with_gc(optax.sgd(1.0), **kwargs)
+
+
+def test_tx_must_be_a_transformation():
+    with pytest.raises(ValueError, match="tx"):
+        optax_gc.with_gc(optax.sgd)
