@@ -21,6 +21,7 @@ def test_sharded_on_eight_host_devices():
         "-p",
         "no:cacheprovider",
         "tests/multidevice/test_sharded.py",
+        "tests/multidevice/test_shard_map.py",
     ]
     proc = subprocess.run(
         cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
