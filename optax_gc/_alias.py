@@ -6,15 +6,29 @@ defaults, then GC's options keyword-only, and delegates to the optax alias.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.core import Tracer
 
 from optax_gc._axes import DEFAULT_OUTPUT_AXES, OutputAxes
 from optax_gc._placement import Location, with_gc
+
+
+@functools.cache
+def _optax_decays_by_schedule() -> bool:
+    """Whether the installed ``optax.add_decayed_weights`` takes a schedule."""
+    tx = optax.add_decayed_weights(lambda count: 0.5)
+    p = {"p": jnp.ones(1)}
+    try:
+        out, _ = tx.update(p, tx.init(p), p)
+    except TypeError:
+        return False
+    return bool(jax.tree.leaves(out)[0][0] == 1.5)
 
 
 def check_weight_decay(weight_decay: Any, where: str, schedule_ok: bool) -> None:
@@ -23,9 +37,14 @@ def check_weight_decay(weight_decay: Any, where: str, schedule_ok: bool) -> None
     Traced values (``optax.inject_hyperparams`` under ``jit``) pass unchecked;
     so do schedules where the optimizer accepts them.
     """
-    if isinstance(weight_decay, jax.core.Tracer):
+    if isinstance(weight_decay, Tracer):
         return
     if schedule_ok and callable(weight_decay):
+        if not _optax_decays_by_schedule():
+            raise ValueError(
+                f"{where}: weight_decay is a schedule, which the installed optax "
+                f"({optax.__version__}) does not accept; pass a number."
+            )
         return
     kind = "a real number >= 0" + (" or a schedule" if schedule_ok else "")
     ok_type = isinstance(weight_decay, (int, float, np.number, np.ndarray, jax.Array))
@@ -61,7 +80,7 @@ def _injected_l2(
         del extra_args
         if params is not None:
             return decay.update(updates, state, params)
-        if not isinstance(weight_decay, jax.core.Tracer):
+        if not isinstance(weight_decay, Tracer):
             if float(weight_decay) != 0:
                 raise ValueError(
                     f"{where}: weight_decay={float(weight_decay)} needs params: "

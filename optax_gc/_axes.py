@@ -185,7 +185,8 @@ def make_leaf_rule(output_axes: OutputAxes, conv_only: bool, where: str) -> Leaf
     """
     check_conv_only(conv_only, where)
     min_ndim = 4 if conv_only else 2
-    fixed = None if callable(output_axes) else check_axes_spec(output_axes, where)
+    fn = output_axes if callable(output_axes) else None
+    fixed = None if fn is not None else check_axes_spec(output_axes, where)
 
     def rule(path, g, shape=None) -> LeafDecision:
         ndim, dtype = getattr(g, "ndim", None), getattr(g, "dtype", None)
@@ -199,16 +200,15 @@ def make_leaf_rule(output_axes: OutputAxes, conv_only: bool, where: str) -> Leaf
         if math.prod(shape) == 0:
             return LeafDecision(None, "zero-size")
         here = leaf_where(where, path)
-        if fixed is None:
-            if isinstance(output_axes, AxesRule):
-                spec, reason = output_axes.decide(path, g)
-            else:
-                spec, reason = output_axes(path, g), "output_axes callable"
-            if spec is None:
-                return LeafDecision(None, reason)
-            axes = check_axes_spec(spec, here)
+        if isinstance(fn, AxesRule):
+            spec, reason = fn.decide(path, g)
+        elif fn is not None:
+            spec, reason = fn(path, g), "output_axes callable"
         else:
-            axes, reason = fixed, "output_axes"
+            spec, reason = fixed, "output_axes"
+        if spec is None:
+            return LeafDecision(None, reason)
+        axes = check_axes_spec(spec, here)
         axes = normalize_axes(axes, shape, here)
         if fan_in_size(shape, axes) == 1:
             return LeafDecision(None, "fan-in 1")

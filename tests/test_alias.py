@@ -309,8 +309,15 @@ def test_good_weight_decay_accepted(alias):
         alias(0.1, weight_decay=good)
 
 
-def test_gc_adamw_accepts_a_decay_schedule():
+def test_gc_adamw_accepts_a_decay_schedule_where_optax_does():
     sched = optax.linear_schedule(0.1, 0.0, 10)
+    theirs, p = optax.adamw(0.01, weight_decay=sched), {"p": jnp.ones(2)}
+    try:
+        theirs.update(p, theirs.init(p), p)
+    except TypeError:  # older optax: a clear error at construction instead
+        with pytest.raises(ValueError, match="weight_decay is a schedule"):
+            optax_gc.gc_adamw(0.01, weight_decay=sched)
+        return
     assert_trees_equal(
         run_problem(optax_gc.gc_adamw(0.01, weight_decay=sched, **NO_GC), steps=5),
         run_problem(optax.adamw(0.01, weight_decay=sched), steps=5),

@@ -25,7 +25,7 @@ def test_first_match_wins_and_default_applies():
 
 
 def test_nnx_value_suffix_is_dropped():
-    from flax import nnx
+    nnx = pytest.importorskip("flax.nnx")
 
     model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
     grads = nnx.state(model, nnx.Param)
