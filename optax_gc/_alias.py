@@ -22,16 +22,17 @@ from optax_gc._placement import Location, with_gc
 @functools.cache
 def _optax_decays_by_schedule() -> bool:
     """Whether the installed ``optax.add_decayed_weights`` takes a schedule."""
-    tx = optax.add_decayed_weights(lambda count: 0.5)
-    p = {"p": jnp.ones(1)}
-    try:
-        out, _ = tx.update(p, tx.init(p), p)
-    except TypeError:
-        return False
-    return bool(jax.tree.leaves(out)[0][0] == 1.5)
+    with jax.ensure_compile_time_eval():  # also when first built under jit
+        tx = optax.add_decayed_weights(lambda count: 0.5)
+        p = {"p": jnp.ones(1)}
+        try:
+            out, _ = tx.update(p, tx.init(p), p)
+        except TypeError:
+            return False
+        return bool(jax.tree.leaves(out)[0][0] == 1.5)
 
 
-def check_weight_decay(weight_decay: Any, where: str, schedule_ok: bool) -> None:
+def _check_weight_decay(weight_decay: Any, where: str, schedule_ok: bool) -> None:
     """Rejects every concrete value that is not a finite real number >= 0.
 
     Traced values (``optax.inject_hyperparams`` under ``jit``) pass unchecked;
@@ -102,7 +103,7 @@ def _with_l2(
     tx: optax.GradientTransformationExtraArgs, weight_decay: Any, where: str
 ) -> optax.GradientTransformationExtraArgs:
     """Adds coupled L2 decay ahead of ``tx``; nothing for a concrete 0."""
-    check_weight_decay(weight_decay, where, schedule_ok=False)
+    _check_weight_decay(weight_decay, where, schedule_ok=False)
     if isinstance(weight_decay, jax.Array):
         return optax.chain(_injected_l2(weight_decay, where), tx)
     if float(weight_decay) == 0:
@@ -116,7 +117,7 @@ def gc_sgd(
     nesterov: bool = False,
     accumulator_dtype: Any | None = None,
     *,
-    weight_decay: float = 0.0,
+    weight_decay: jax.typing.ArrayLike = 0.0,
     output_axes: OutputAxes = DEFAULT_OUTPUT_AXES,
     conv_only: bool = False,
     partition_specs: Any = None,
@@ -136,10 +137,13 @@ def gc_sgd(
       nesterov: use Nesterov momentum.
       accumulator_dtype: dtype of the momentum buffer, as in ``optax.sgd``.
       weight_decay: coupled L2 coefficient :math:`\lambda`, added to the
-        gradient before GC. A literal 0 adds nothing (and ``update`` needs no
-        ``params``); under ``optax.inject_hyperparams`` the coefficient is an
-        array, and ``update`` without ``params`` passes the updates through
-        while it is 0 and returns NaN updates if it is changed to non-zero.
+        gradient before GC. A concrete 0 adds nothing (and ``update`` needs
+        no ``params``). Under ``optax.inject_hyperparams`` the coefficient is
+        an array that may change between steps: ``update`` without
+        ``params`` passes the updates through while it is 0; if it is
+        non-zero, an eager call raises ``ValueError`` and a traced one
+        returns NaN updates, since the decay cannot be applied without
+        ``params`` and is never dropped silently.
       output_axes: see :func:`optax_gc.centralize`. Under
         ``optax.inject_hyperparams`` give a tuple (ints would be injected as
         arrays) and list a callable in ``static_args``.
@@ -187,7 +191,7 @@ def gc_adam(
     mu_dtype: Any | None = None,
     *,
     nesterov: bool = False,
-    weight_decay: float = 0.0,
+    weight_decay: jax.typing.ArrayLike = 0.0,
     location: Location = "update",
     output_axes: OutputAxes = DEFAULT_OUTPUT_AXES,
     conv_only: bool = False,
@@ -320,7 +324,7 @@ def gc_adamw(
       Loshchilov and Hutter, `Decoupled Weight Decay Regularization
       <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
     """
-    check_weight_decay(weight_decay, "gc_adamw", schedule_ok=True)
+    _check_weight_decay(weight_decay, "gc_adamw", schedule_ok=True)
     return with_gc(
         optax.adamw(
             learning_rate,

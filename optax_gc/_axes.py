@@ -55,6 +55,8 @@ def path_str(path: jax.tree_util.KeyPath) -> str:
 
 def leaf_where(where: str, path: jax.tree_util.KeyPath) -> str:
     """``where`` plus the leaf's path, quoted, for error messages."""
+    if not path:
+        return f"{where} at the root leaf"
     return f'{where} at leaf "{path_str(path)}"'
 
 
@@ -200,10 +202,12 @@ def make_leaf_rule(output_axes: OutputAxes, conv_only: bool, where: str) -> Leaf
         if math.prod(shape) == 0:
             return LeafDecision(None, "zero-size")
         here = leaf_where(where, path)
+        # Inside shard_map a rule sees the global leaf, not the local shard.
+        seen = g if shape == tuple(g.shape) else jax.ShapeDtypeStruct(shape, dtype)
         if isinstance(fn, AxesRule):
-            spec, reason = fn.decide(path, g)
+            spec, reason = fn.decide(path, seen)
         elif fn is not None:
-            spec, reason = fn(path, g), "output_axes callable"
+            spec, reason = fn(path, seen), "output_axes callable"
         else:
             spec, reason = fixed, "output_axes"
         if spec is None:

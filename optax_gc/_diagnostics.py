@@ -46,7 +46,9 @@ def gc_fraction(
     report 0, as does an all-zero gradient. The norms are computed on the leaf
     scaled by its largest magnitude, in at least float32, so float16 leaves
     and float32 values near the top of their range give finite results.
-    Useful to log next to the loss; jit-compatible.
+    Useful to log next to the loss; jit-compatible. Inside ``shard_map`` it
+    sees each device's shard only and reports per-shard fractions; call it
+    outside, on the global gradients.
 
     Args:
       grads: a gradient pytree.

@@ -17,7 +17,11 @@ from optax_gc._axes import (
 
 
 class UnmatchedPatternWarning(UserWarning):
-    """A ``path_rules`` pattern matched no leaf of the tree it was applied to."""
+    """A ``path_rules`` pattern decided no leaf of the tree it was applied to.
+
+    Either it matched no leaf path, or every path it matched was already
+    decided by an earlier pattern.
+    """
 
 
 class PathRules(AxesRule):
@@ -37,17 +41,33 @@ class PathRules(AxesRule):
         return self.default, "path_rules default"
 
     def check_tree(self, paths: Sequence[str], where: str) -> None:
-        unmatched = [
-            regex.pattern
-            for regex, _ in self.rules
-            if not any(regex.search(p) for p in paths)
-        ]
-        if not unmatched:
+        deciding = set()
+        for name in paths:
+            first = next(
+                (i for i, (r, _) in enumerate(self.rules) if r.search(name)), None
+            )
+            deciding.add(first)
+        unmatched, shadowed = [], []
+        for i, (regex, _) in enumerate(self.rules):
+            if i in deciding:
+                continue
+            matches = any(regex.search(p) for p in paths)
+            (shadowed if matches else unmatched).append(regex.pattern)
+        if not unmatched and not shadowed:
             return
+        problems = []
+        if unmatched:
+            problems.append(f"pattern(s) {unmatched} matched no leaf path")
+        if shadowed:
+            problems.append(
+                f"pattern(s) {shadowed} matched only leaves that an earlier "
+                "pattern decides (the first match wins)"
+            )
         message = (
-            f"{where}: path_rules pattern(s) {unmatched} matched no leaf path "
-            f"of the {len(paths)} it was given (e.g. {list(paths[:3])}); a "
-            "typo there leaves GC on the leaves the rule was meant for."
+            f"{where}: path_rules {'; '.join(problems)}, among the "
+            f"{len(paths)} leaf paths it was given (e.g. {list(paths[:3])}); a "
+            "pattern that decides nothing leaves GC on the leaves it was "
+            "written for."
         )
         if self.strict:
             raise ValueError(message)
@@ -77,11 +97,13 @@ def path_rules(
     the same form, so a path from an error can be pasted into a pattern.
 
     Each time a transform walks a tree (once per trace under ``jit``), a
-    pattern that matches none of the tree's leaf paths (ineligible leaves
-    included) is reported: an :class:`UnmatchedPatternWarning`, or a
-    ``ValueError`` with ``strict=True``. A typo in a pattern would otherwise
-    leave GC on the leaves the rule was written to protect. The check sees the
-    leaves the transform sees: under ``optax.masked`` or
+    pattern that decides none of the tree's leaf paths (ineligible leaves
+    included) is reported: one that matches no path, or one whose every match
+    an earlier pattern already decides. It is an
+    :class:`UnmatchedPatternWarning` (Python shows a repeated identical
+    warning once), or a ``ValueError`` with ``strict=True``. A typo in a
+    pattern would otherwise leave GC on the leaves the rule was written to
+    protect. The check sees the leaves the transform sees: under ``optax.masked`` or
     ``optax.multi_transform`` that is the unmasked part.
 
     Typical transformer rules for Flax (linen or NNX) layouts:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, get_args
 
 import jax
 import optax
@@ -13,7 +13,7 @@ from optax_gc._transform import centralize_tree, check_partition_specs
 Location: TypeAlias = Literal["gradient", "update"]
 """Where :func:`optax_gc.with_gc` applies GC: the gradient or the final update."""
 
-LOCATIONS: tuple[str, ...] = ("gradient", "update")
+LOCATIONS: tuple[str, ...] = get_args(Location)
 
 
 def _line_search_states() -> tuple[type, ...]:
@@ -70,7 +70,9 @@ def with_gc(
       ``scale_by_backtracking_linesearch``) check and cache the objective for
       the step they propose, so GC on the update would break them:
       ``location="update"`` raises ``ValueError`` at ``init`` (and at
-      ``update``); use ``location="gradient"``.
+      ``update``); use ``location="gradient"``. With L-BFGS that still
+      keeps every output unit's mean weight fixed: its direction is a linear
+      combination of centred gradients and centred steps.
     * Schedule-free optimizers (``optax.contrib.schedule_free_*``) keep a
       second set of evaluation parameters in their state; GC centralizes the
       updates of the training parameters only, so the per-unit means of the

@@ -28,20 +28,20 @@ from optax_gc._axes import (
 def subtract_fan_in_mean(
     g: jax.Array,
     output_axes: tuple[int, ...],
-    psum_axis_names: tuple[str, ...] = (),
-    fan_in: int | None = None,
+    sharded: tuple[tuple[str, ...], int] | None = None,
 ) -> jax.Array:
     """Φ(g) for validated, non-negative ``output_axes``; keeps ``g``'s dtype.
 
     bf16/f16 (and narrower) leaves are centred in float32 and rounded once.
-    Inside ``shard_map``, ``psum_axis_names`` are the mesh axes that shard a
-    fan-in axis: the local fan-in sums are added across them and divided by
-    the global fan-in size ``fan_in``.
+    Inside ``shard_map``, ``sharded`` is ``(mesh axis names, global fan-in
+    size)``: the local fan-in sums are added across the mesh axes that shard
+    a fan-in axis and divided by the global fan-in size.
     """
     x = g.astype(jnp.float32) if jnp.dtype(g.dtype).itemsize < 4 else g
     reduce = fan_in_axes(g.ndim, output_axes)
-    if psum_axis_names:
-        total = jax.lax.psum(jnp.sum(x, axis=reduce, keepdims=True), psum_axis_names)
+    if sharded:
+        names, fan_in = sharded
+        total = jax.lax.psum(jnp.sum(x, axis=reduce, keepdims=True), names)
         mean = total / fan_in
     else:
         mean = jnp.mean(x, axis=reduce, keepdims=True)
@@ -162,7 +162,8 @@ def centralize(
       partition_specs: inside ``shard_map`` only: a ``PartitionSpec`` (for
         every leaf) or a tree of them with the structure of the updates (or a
         prefix of it), as given to ``shard_map``'s ``in_specs``. ``None``
-        (default): no collectives.
+        (default): no collectives. A callable ``output_axes`` then sees a
+        ``jax.ShapeDtypeStruct`` with the leaf's global shape.
 
     Returns:
       A stateless :class:`optax.GradientTransformationExtraArgs`.
@@ -291,8 +292,10 @@ def centralize_tree(
         axes = rule(path, g, shape=shape).axes
         if axes is None:
             return g
-        sharded = [n for d, ns in names.items() if d not in axes for n in ns]
-        return subtract_fan_in_mean(g, axes, tuple(sharded), fan_in_size(shape, axes))
+        sharded = tuple(n for d, ns in names.items() if d not in axes for n in ns)
+        if not sharded:
+            return subtract_fan_in_mean(g, axes)
+        return subtract_fan_in_mean(g, axes, (sharded, fan_in_size(shape, axes)))
 
     specs = _broadcast_specs(partition_specs, updates, where)
     return map_leaves(sharded_leaf_fn, output_axes, where, updates, specs)

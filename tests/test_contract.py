@@ -159,17 +159,35 @@ def test_masked(name):
     assert_trees_close(sub(out), alone, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_strict_dtype_promotion_inside_our_transforms(name):
+STRICT_SAFE = {  # optax.adam itself needs the standard promotion rules
+    "centralize": lambda: optax_gc.centralize(),
+    "centralize_rules": lambda: optax_gc.centralize(output_axes=RULES),
+    "with_gc_update": lambda: optax_gc.with_gc(optax.sgd(0.1)),
+    "with_gc_gradient": lambda: optax_gc.with_gc(optax.sgd(0.1), location="gradient"),
+    "gc_sgd": lambda: optax_gc.gc_sgd(0.1, 0.9, weight_decay=1e-4),
+}
+
+
+@pytest.mark.parametrize("name", list(STRICT_SAFE))
+def test_strict_dtype_promotion(name):
     params, grads = _tree(0, jnp.bfloat16), _tree(1, jnp.bfloat16)
-    tx = FACTORIES[name](0.1)
-    state = tx.init(params)
-    # Strict promotion only around our own code: optax.adam itself needs the
-    # standard rules, so check centralize on the outputs of the optimizer.
-    out, _ = tx.update(grads, state, params)
+    tx = STRICT_SAFE[name]()
     with jax.numpy_dtype_promotion("strict"):
-        again = optax_gc.centralize().update(out, None)[0]
-    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(again))
+        out = _update(tx, grads, params)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(out))
+
+
+@pytest.mark.parametrize(
+    "alias", [optax_gc.gc_sgd, optax_gc.gc_adam, optax_gc.gc_adamw]
+)
+def test_inject_hyperparams_on_the_aliases_themselves(alias):
+    # Every numeric default (b1, b2, eps, weight_decay, ...) becomes an array.
+    params, grads = _tree(0), _tree(1)
+    tx = optax.inject_hyperparams(alias)(learning_rate=0.1)
+    state = tx.init(params)
+    assert set(state.hyperparams) >= {"learning_rate", "weight_decay"}
+    out, _ = jax.jit(tx.update)(grads, state, params)
+    assert_trees_close(out, _update(alias(0.1), grads, params), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -116,3 +116,23 @@ def test_inject_hyperparams_without_static_args_says_what_to_do():
     )
     updates, _ = tx.update(params, tx.init(params), params)
     np.testing.assert_allclose(updates["kernel"].mean(0), 0.0, atol=1e-7)
+
+
+def test_shadowed_pattern_is_reported():
+    # Every attn kernel is decided by the earlier, broader pattern.
+    rule = optax_gc.path_rules({r"kernel$": 0, r"attn/.*kernel$": (1, 2)})
+    grads = {"attn": {"q": {"kernel": jnp.ones((4, 2, 3))}}}
+    with pytest.warns(optax_gc.UnmatchedPatternWarning, match="earlier pattern"):
+        _apply(rule, grads)
+    strict = optax_gc.path_rules(
+        {r"attn/.*kernel$": (1, 2), r"kernel$": 0}, strict=True
+    )
+    grads["dense"] = {"kernel": jnp.ones((4, 2))}
+    out = _apply(strict, grads)  # the specific pattern first: both decide
+    np.testing.assert_allclose(out["attn"]["q"]["kernel"], 0.0, atol=1e-7)
+
+
+def test_error_on_a_bare_array_names_the_root():
+    tx = optax_gc.centralize(output_axes=(5,))
+    with pytest.raises(ValueError, match="at the root leaf"):
+        tx.update(jnp.ones((3, 4)), None)

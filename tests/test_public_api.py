@@ -20,15 +20,41 @@ def test_public_functions_are_documented_with_examples():
             assert "2004.01461" in doc or "References" not in doc, name
 
 
-def test_gc_options_are_keyword_only():
+def test_the_exported_names():
+    assert set(optax_gc.__all__) == {
+        "AxesLike",
+        "Location",
+        "OutputAxes",
+        "OutputAxesFn",
+        "PathRules",
+        "UnmatchedPatternWarning",
+        "centralize",
+        "centralize_array",
+        "gc_adam",
+        "gc_adamw",
+        "gc_fraction",
+        "gc_sgd",
+        "path_rules",
+        "with_gc",
+    }
+
+
+KEYWORD_ONLY = {"output_axes", "conv_only", "location", "partition_specs", "strict"}
+
+
+def test_options_are_keyword_only():
     for name in optax_gc.__all__:
         obj = getattr(optax_gc, name)
-        if not inspect.isfunction(obj):
+        if not inspect.isfunction(obj) or name == "centralize_array":
             continue
-        for param in inspect.signature(obj).parameters.values():
-            if param.name in ("output_axes", "conv_only", "location"):
-                if name != "centralize_array":
-                    assert param.kind is param.KEYWORD_ONLY, (name, param.name)
+        params = inspect.signature(obj).parameters
+        for param in params.values():
+            if param.name in KEYWORD_ONLY or (
+                param.name == "weight_decay" and name in ("gc_sgd", "gc_adam")
+            ):
+                assert param.kind is param.KEYWORD_ONLY, (name, param.name)
+    default = inspect.signature(optax_gc.path_rules).parameters["default"]
+    assert default.kind is default.KEYWORD_ONLY
 
 
 def test_version():

@@ -1,5 +1,9 @@
 """centralize() and centralize_array(): values, leaf rules, errors, contract."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,6 +109,23 @@ def test_output_axes_0_equals_optax_centralize_bit_for_bit(shape, seed, dtype):
     ours = _gc({"g": g}, output_axes=0)["g"]
     theirs = _update(optax.centralize(), {"g": g})[0]["g"]
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_output_axes_0_equals_optax_centralize_in_float64():
+    code = (
+        "import jax, jax.numpy as jnp, numpy as np, optax, optax_gc\n"
+        "g = {'g': jax.random.normal(jax.random.key(0), (3, 3, 4, 6), jnp.float64)}\n"
+        "ours = optax_gc.centralize(output_axes=0).update(g, None)[0]['g']\n"
+        "theirs = optax.centralize().update(g, None)[0]['g']\n"
+        "assert ours.dtype == jnp.float64, ours.dtype\n"
+        "np.testing.assert_array_equal(ours, theirs)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 def test_output_axes_0_differs_from_optax_centralize_where_documented():
