@@ -7,6 +7,7 @@ defaults, then GC's options keyword-only, and delegates to the optax alias.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -16,7 +17,7 @@ import optax
 from jax.core import Tracer
 
 from optax_gc._axes import DEFAULT_OUTPUT_AXES, OutputAxes
-from optax_gc._placement import Location, with_gc
+from optax_gc._placement import Location, place_gc
 
 
 @functools.cache
@@ -51,15 +52,14 @@ def _check_weight_decay(weight_decay: Any, where: str, schedule_ok: bool) -> Non
     ok_type = isinstance(weight_decay, (int, float, np.number, np.ndarray, jax.Array))
     if not ok_type or isinstance(weight_decay, (bool, np.bool_)):
         raise ValueError(f"{where}: weight_decay must be {kind}, got {weight_decay!r}.")
-    value = np.asarray(weight_decay)
-    if value.ndim != 0 or not (
-        np.issubdtype(value.dtype, np.floating)
-        or np.issubdtype(value.dtype, np.integer)
-    ):
+    dtype = jnp.result_type(weight_decay)
+    real = jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+    if np.ndim(weight_decay) != 0 or not real:
         raise ValueError(
             f"{where}: weight_decay must be {kind} (a scalar), got {weight_decay!r}."
         )
-    if not np.isfinite(value) or value < 0:
+    value = float(weight_decay)  # type: ignore[arg-type]
+    if not math.isfinite(value) or value < 0:
         raise ValueError(f"{where}: weight_decay must be {kind}, got {weight_decay!r}.")
 
 
@@ -172,12 +172,13 @@ def gc_sgd(
       Yong et al, `Gradient Centralization: A New Optimization Technique for
       Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_, ECCV 2020.
     """
-    tx = with_gc(
+    tx = place_gc(
         optax.sgd(learning_rate, momentum, nesterov, accumulator_dtype),
         location="gradient",
         output_axes=output_axes,
         conv_only=conv_only,
         partition_specs=partition_specs,
+        where="gc_sgd",
     )
     return _with_l2(tx, weight_decay, "gc_sgd")
 
@@ -244,12 +245,13 @@ def gc_adam(
       Yong et al, `Gradient Centralization: A New Optimization Technique for
       Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_, ECCV 2020.
     """
-    tx = with_gc(
+    tx = place_gc(
         optax.adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
         location=location,
         output_axes=output_axes,
         conv_only=conv_only,
         partition_specs=partition_specs,
+        where="gc_adam",
     )
     return _with_l2(tx, weight_decay, "gc_adam")
 
@@ -325,7 +327,7 @@ def gc_adamw(
       <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
     """
     _check_weight_decay(weight_decay, "gc_adamw", schedule_ok=True)
-    return with_gc(
+    return place_gc(
         optax.adamw(
             learning_rate,
             b1,
@@ -341,4 +343,5 @@ def gc_adamw(
         output_axes=output_axes,
         conv_only=conv_only,
         partition_specs=partition_specs,
+        where="gc_adamw",
     )

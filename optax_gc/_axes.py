@@ -64,7 +64,7 @@ def is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
-def check_axes_spec(spec: Any, where: str) -> tuple[int, ...]:
+def check_axes_spec(spec: Any, where: str, callable_ok: bool = True) -> tuple[int, ...]:
     """Validates an int or a sequence of ints (independently of any leaf)."""
     if isinstance(spec, (jax.Array, np.ndarray)):
         raise ValueError(
@@ -81,10 +81,10 @@ def check_axes_spec(spec: Any, where: str) -> tuple[int, ...]:
             if len(set(axes)) != len(axes):
                 raise ValueError(f"{where}: output_axes={spec!r} repeats an axis.")
             return axes
-    raise ValueError(
-        f"{where}: output_axes must be an int, a non-empty tuple of ints, or a "
-        f"callable (path, leaf) -> axes | None; got {spec!r}."
-    )
+    options = "an int, a non-empty tuple of ints"
+    if callable_ok:
+        options += ", or a callable (path, leaf) -> axes | None"
+    raise ValueError(f"{where}: output_axes must be {options}; got {spec!r}.")
 
 
 def normalize_axes(

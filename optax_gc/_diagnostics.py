@@ -15,20 +15,30 @@ from optax_gc._axes import (
 from optax_gc._transform import subtract_fan_in_mean
 
 
+def _ldexp(x: jax.Array, exponent: jax.Array) -> jax.Array:
+    """``x * 2**exponent``, exactly (no reciprocal), for real or complex ``x``."""
+    if jnp.iscomplexobj(x):
+        return jax.lax.complex(jnp.ldexp(x.real, exponent), jnp.ldexp(x.imag, exponent))
+    return jnp.ldexp(x, exponent)
+
+
 def _removed_fraction(g: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     """``||g - Φ(g)|| / ||g||`` without overflow, as a float32 scalar.
 
-    The leaf is scaled by its largest magnitude first, so the sums of squares
-    stay below the leaf's size whatever its dtype (f16 squares overflow above
-    256; f32 ones above about 1.8e19).
+    The leaf is first scaled by a power of two that brings its largest
+    magnitude into [0.5, 1), so the sums of squares stay below the leaf's size
+    whatever its dtype (f16 squares overflow above 256, f32 ones above about
+    1.8e19). A leaf with a NaN or infinite entry gives NaN.
     """
     x = g if jnp.dtype(g.dtype).itemsize >= 4 else g.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(x))
-    safe = jnp.where(scale > 0, scale, 1).astype(x.dtype)
-    y = x / safe
+    top = jnp.max(jnp.abs(x))
+    _, exponent = jnp.frexp(jnp.where(jnp.isfinite(top), top, 1))
+    y = _ldexp(x, -exponent)
     removed = y - subtract_fan_in_mean(y, axes)
-    ratio = jnp.linalg.norm(jnp.ravel(removed)) / jnp.linalg.norm(jnp.ravel(y))
-    return jnp.where(scale > 0, ratio, 0.0).astype(jnp.float32)
+    norm = jnp.linalg.norm(jnp.ravel(y))
+    ratio = jnp.linalg.norm(jnp.ravel(removed)) / jnp.where(norm > 0, norm, 1)
+    ratio = jnp.where(jnp.isfinite(top), ratio, jnp.nan)
+    return ratio.astype(jnp.float32)
 
 
 def gc_fraction(
@@ -43,9 +53,10 @@ def gc_fraction(
     :math:`[0, 1]`: 0 when every fan-in already has zero mean, 1 when each
     output unit's gradient is constant over its fan-in. Leaves that
     :func:`optax_gc.centralize` leaves untouched (same rules, same options)
-    report 0, as does an all-zero gradient. The norms are computed on the leaf
-    scaled by its largest magnitude, in at least float32, so float16 leaves
-    and float32 values near the top of their range give finite results.
+    report 0, as does an all-zero gradient; a leaf with a NaN or infinite entry
+    reports NaN. The norms are computed in at least float32 on the leaf scaled
+    by a power of two, so float16 leaves and float32 values anywhere in their
+    range give finite results.
     Useful to log next to the loss; jit-compatible. Inside ``shard_map`` it
     sees each device's shard only and reports per-shard fractions; call it
     outside, on the global gradients.

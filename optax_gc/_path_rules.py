@@ -153,11 +153,13 @@ def path_rules(
     items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
     compiled = []
     for item in items:
-        if not (isinstance(item, tuple) and len(item) == 2):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
             raise ValueError(
                 f"path_rules: rules must be (pattern, axes) pairs, got {item!r}."
             )
         pattern, axes = item
+        if not isinstance(pattern, str):
+            raise ValueError(f"path_rules: a pattern must be a str, got {pattern!r}.")
         try:
             regex = re.compile(pattern)
         except (re.error, TypeError) as e:

@@ -109,7 +109,26 @@ def with_gc(
       Yong et al, `Gradient Centralization: A New Optimization Technique for
       Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_, ECCV 2020.
     """
-    where = "with_gc"
+    return place_gc(
+        tx,
+        location=location,
+        output_axes=output_axes,
+        conv_only=conv_only,
+        partition_specs=partition_specs,
+        where="with_gc",
+    )
+
+
+def place_gc(
+    tx: optax.GradientTransformation,
+    *,
+    location: Location,
+    output_axes: OutputAxes,
+    conv_only: bool,
+    partition_specs: Any,
+    where: str,
+) -> optax.GradientTransformationExtraArgs:
+    """:func:`with_gc`, with errors that name ``where`` (the public caller)."""
     if not isinstance(tx, optax.GradientTransformation):
         raise ValueError(
             f"{where}: tx must be an optax.GradientTransformation, got {tx!r}."

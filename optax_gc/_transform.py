@@ -95,7 +95,7 @@ def centralize_array(
       Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_, ECCV 2020.
     """
     where = "centralize_array"
-    axes = check_axes_spec(output_axes, where)
+    axes = check_axes_spec(output_axes, where, callable_ok=False)
     g = jnp.asarray(g)
     if not jnp.issubdtype(g.dtype, jnp.inexact):
         raise ValueError(

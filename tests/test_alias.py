@@ -307,6 +307,17 @@ def test_bad_weight_decay_rejected_at_construction(alias, bad):
 def test_good_weight_decay_accepted(alias):
     for good in (0, 0.0, 5e-4, np.float32(1e-3), jnp.asarray(1e-3), np.int64(0)):
         alias(0.1, weight_decay=good)
+    for dtype in (jnp.bfloat16, jnp.float16):
+        alias(0.1, weight_decay=jnp.asarray(1e-3, dtype))
+
+
+@pytest.mark.parametrize("alias", list(ALIASES), ids=lambda f: f.__name__)
+def test_inject_hyperparams_with_bf16_params_eagerly(alias):
+    # Regression: the injected bf16 weight_decay failed validation.
+    params = {"kernel": jnp.ones((4, 3), jnp.bfloat16)}
+    tx = optax.inject_hyperparams(alias)(learning_rate=1e-3)
+    updates, _ = tx.update(params, tx.init(params), params)
+    assert updates["kernel"].dtype == jnp.bfloat16
 
 
 def test_gc_adamw_accepts_a_decay_schedule_where_optax_does():
@@ -335,5 +346,6 @@ def test_gc_adamw_accepts_a_decay_schedule_where_optax_does():
     ],
 )
 def test_bad_arguments_raise_at_construction(make, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=name) as info:
         make()
+    assert str(info.value).startswith("gc_")  # the function the user called

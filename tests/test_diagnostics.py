@@ -54,7 +54,7 @@ def test_float16_is_finite_and_right():
     np.testing.assert_allclose(got, _reference(g), rtol=1e-4)
 
 
-@pytest.mark.parametrize("scale", [2e19, 1e30, 1e-25])
+@pytest.mark.parametrize("scale", [2e19, 1e30, 1e37, 1e-25, 1e-35])
 def test_float32_extremes_are_finite_and_right(scale):
     # Regression: ||g||^2 overflows float32 near 2e19 (and underflows to 0/0
     # for tiny gradients).
@@ -75,3 +75,23 @@ def test_bfloat16_and_complex():
         got, np.linalg.norm(removed) / np.linalg.norm(np.asarray(c)), rtol=1e-5
     )
     assert got.dtype == jnp.float32
+
+
+def test_top_of_the_float32_range():
+    g = jnp.array([[9e37, -4.5e37], [2.25e37, 0.0]], jnp.float32)
+    np.testing.assert_allclose(
+        optax_gc.gc_fraction({"g": g})["g"], _reference(g), rtol=1e-5
+    )
+    top = jnp.full((2, 2), jnp.finfo(jnp.float32).max).at[0, 0].set(0.0)
+    np.testing.assert_allclose(
+        optax_gc.gc_fraction({"g": top})["g"], _reference(top), rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+def test_non_finite_gradients_report_nan(bad):
+    # Regression: a NaN gradient reported 0 ("GC removes nothing").
+    g = jnp.array([[1.0, bad], [2.0, 3.0]])
+    assert np.isnan(jax.jit(optax_gc.gc_fraction)({"g": g})["g"])
+    c = g.astype(jnp.complex64) * 1j
+    assert np.isnan(optax_gc.gc_fraction({"c": c})["c"])

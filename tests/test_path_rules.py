@@ -24,6 +24,11 @@ def test_first_match_wins_and_default_applies():
     np.testing.assert_array_equal(out["w"], g[0])  # default None: untouched
 
 
+def test_rules_as_lists_of_pairs():
+    rule = optax_gc.path_rules([["kernel$", 0]])  # e.g. read from a JSON config
+    assert rule.decide((jax.tree_util.DictKey("kernel"),), None)[0] == 0
+
+
 def test_nnx_value_suffix_is_dropped():
     nnx = pytest.importorskip("flax.nnx")
 
@@ -41,6 +46,7 @@ def test_nnx_value_suffix_is_dropped():
         ({"kernel": "last"}, {}, "output_axes"),
         ({"kernel": (0, 0)}, {}, "repeats"),
         ([("kernel",)], {}, "pairs"),
+        ([(b"kernel", 0)], {}, "must be a str"),
         ({}, {"default": 1.5}, "default"),
     ],
 )

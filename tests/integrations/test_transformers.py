@@ -12,7 +12,7 @@ from tests.integrations.common import fan_in_mean, flat_leaves
 TRANSFORMER_RULES = optax_gc.path_rules(
     {
         r"embedding$": None,
-        r"bias$": None,  # DenseGeneral biases (H, D) are 2-D but not weights
+        r"(bias|scale)$": None,  # (H, D) biases and scan-stacked (L, D) norms
         r"layers/.*kernel$": (0, -1),
         r"(query|key|value)/kernel$": (1, 2),
         r"out/kernel$": (2,),
@@ -23,7 +23,7 @@ TRANSFORMER_RULES = optax_gc.path_rules(
 class MLP(nn.Module):
     @nn.compact
     def __call__(self, x, _):
-        h = nn.relu(nn.Dense(12)(x))
+        h = nn.relu(nn.Dense(12)(nn.LayerNorm()(x)))
         return x + nn.Dense(6)(h), None
 
 
@@ -86,6 +86,13 @@ def test_attention_and_scan_rules():
     np.testing.assert_allclose(
         out[k], raw[k] - raw[k].mean(0, keepdims=True), atol=1e-7
     )
+    stacked = [k for k in raw if k.startswith("layers/") and raw[k].ndim == 2]
+    assert sorted(stacked) == [
+        "layers/Dense_0/bias",
+        "layers/Dense_1/bias",
+        "layers/LayerNorm_0/bias",
+        "layers/LayerNorm_0/scale",
+    ]  # (L, D): two dimensions, but no fan-in
     for k in raw:
         if "bias" in k or "scale" in k:
             np.testing.assert_array_equal(out[k], raw[k])
