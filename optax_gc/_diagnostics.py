@@ -33,7 +33,10 @@ def _removed_fraction(g: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     x = g if jnp.dtype(g.dtype).itemsize >= 4 else g.astype(jnp.float32)
     top = jnp.max(jnp.abs(x))
     _, exponent = jnp.frexp(jnp.where(jnp.isfinite(top), top, 1))
-    y = _ldexp(x, -exponent)
+    # Two half steps: each factor stays a normal number (some jax versions
+    # multiply by 2**-exponent, which is subnormal, and flushed, for 2**127).
+    half = exponent // 2
+    y = _ldexp(_ldexp(x, -half), half - exponent)
     removed = y - subtract_fan_in_mean(y, axes)
     norm = jnp.linalg.norm(jnp.ravel(y))
     ratio = jnp.linalg.norm(jnp.ravel(removed)) / jnp.where(norm > 0, norm, 1)
