@@ -209,7 +209,7 @@ def make_leaf_rule(output_axes: OutputAxes, conv_only: bool, where: str) -> Leaf
         elif fn is not None:
             spec, reason = fn(path, seen), "output_axes callable"
         else:
-            spec, reason = fixed, "output_axes"
+            spec, reason = fixed, f"output_axes={fixed}"
         if spec is None:
             return LeafDecision(None, reason)
         axes = check_axes_spec(spec, here)

@@ -56,7 +56,7 @@ def test_check_axes_spec_rejects_with_where(bad):
 
 
 DECISIONS = [
-    (jnp.ones((3, 4)), {}, (1,), "output_axes"),
+    (jnp.ones((3, 4)), {}, (1,), "output_axes=(-1,)"),
     (jnp.ones(4), {}, None, "ndim < 2"),
     (jnp.ones((3, 3, 4)), {"conv_only": True}, None, "ndim < 4"),
     (jnp.ones((3, 4), jnp.int32), {}, None, "not floating (int32)"),

@@ -20,8 +20,9 @@ def test_public_functions_are_documented_with_examples():
             assert "2004.01461" in doc or "References" not in doc, name
 
 
-PUBLIC = """AxesLike Location OutputAxes OutputAxesFn PathRules UnmatchedPatternWarning
-centralize centralize_array gc_adam gc_adamw gc_fraction gc_sgd path_rules with_gc"""
+PUBLIC = """AxesLike Explanation InferredAxes LeafReport Location OutputAxes
+OutputAxesFn PathRules UnmatchedPatternWarning centralize centralize_array explain
+gc_adam gc_adamw gc_fraction gc_sgd infer_output_axes path_rules with_gc"""
 
 
 def test_the_exported_names():

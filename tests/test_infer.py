@@ -1,0 +1,381 @@
+"""infer_output_axes: the analysis rule by rule, its contract as a rule, errors.
+
+Whole models built from Flax, Equinox and Haiku layers are in
+``tests/integrations/test_infer_*.py``; raw-JAX models in
+``tests/test_infer_jax_models.py``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_gc
+from optax_gc import _infer
+
+X = jax.ShapeDtypeStruct((5, 3), jnp.float32)
+
+
+def axes_of(rule):
+    return {path: axes for path, (axes, _) in rule.decisions.items()}
+
+
+def why(rule, path):
+    return rule.decisions[path][1]
+
+
+# -- reshapes ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "old, new, groups",
+    [
+        ((2, 3, 4), (6, 4), [[0, 1], [2]]),
+        ((6, 4), (2, 3, 4), [[0], [0], [1]]),
+        ((2, 3, 4), (2, 12), [[0], [1, 2]]),
+        ((1, 5, 4), (5, 4), [[1], [2]]),
+        ((5, 4), (5, 1, 4), [[0], [], [1]]),
+        ((4, 6), (2, 12), [[0, 1], [0, 1]]),  # axes straddle: one group
+        ((3, 0), (0,), None),
+    ],
+)
+def test_reshape_groups(old, new, groups):
+    assert _infer._reshape_groups(old, new) == groups
+
+
+# -- uses ---------------------------------------------------------------------------
+
+
+def test_matmul_either_side_and_transposed():
+    def fn(p, x):
+        h = x @ p["in_out"]  # (3, 4): fan-in 0
+        h = h @ p["out_in"].T  # (6, 4): fan-in 1
+        return p["left"] @ h.T  # (2, 6): weight on the left, fan-in 1
+
+    params = {
+        "in_out": jnp.zeros((3, 4)),
+        "out_in": jnp.zeros((6, 4)),
+        "left": jnp.zeros((2, 6)),
+    }
+    rule = optax_gc.infer_output_axes(fn, params, X)
+    assert axes_of(rule) == {"in_out": (1,), "out_in": (0,), "left": (0,)}
+    assert why(rule, "out_in") == "dot_general contracts axis 1"
+
+
+def test_reshape_merging_and_splitting_axes():
+    def fn(p, x):
+        # (in, H, D) merged to (in, H*D): the fan-in stays axis 0.
+        h = x @ p["qkv"].reshape(3, 8)
+        # (H*D, out) split to (H, D, out) and contracted over both.
+        h = jnp.einsum("bhd,hdo->bo", h.reshape(5, 2, 4), p["out"].reshape(2, 4, 3))
+        # PyTorch conv layout (out, in, kh, kw) flattened to (out, in*kh*kw).
+        return h @ p["torch_conv"].reshape(6, 3).T
+
+    params = {
+        "qkv": jnp.zeros((3, 2, 4)),
+        "out": jnp.zeros((8, 3)),
+        "torch_conv": jnp.zeros((6, 3, 1, 1)),
+    }
+    rule = optax_gc.infer_output_axes(fn, params, X)
+    assert axes_of(rule) == {"qkv": (1, 2), "out": (1,), "torch_conv": (0, 2, 3)}
+
+
+def test_conv_dimension_numbers():
+    def fn(p, x):
+        y = jax.lax.conv_general_dilated(
+            x, p["hwio"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jax.lax.conv_general_dilated(
+            y, p["oihw"], (1, 1), "SAME", dimension_numbers=("NHWC", "OIHW", "NHWC")
+        )
+
+    params = {"hwio": jnp.zeros((3, 3, 2, 4)), "oihw": jnp.zeros((5, 4, 3, 3))}
+    x = jax.ShapeDtypeStruct((1, 6, 6, 2), jnp.float32)
+    rule = optax_gc.infer_output_axes(fn, params, x)
+    assert axes_of(rule) == {"hwio": (3,), "oihw": (0,)}
+    assert why(rule, "oihw") == "conv: in-feature and spatial axes (1, 2, 3)"
+
+
+def test_lookup_elementwise_and_tied():
+    def fn(p, tokens):
+        h = p["tied"][tokens] + p["lookup"][tokens] + p["pos"][0]
+        return h @ p["tied"].T
+
+    params = {
+        "tied": jnp.zeros((10, 4)),
+        "lookup": jnp.zeros((10, 4)),
+        "pos": jnp.zeros((1, 6, 4)),
+    }
+    tokens = jax.ShapeDtypeStruct((6,), jnp.int32)
+    rule = optax_gc.infer_output_axes(fn, params, tokens)
+    assert rule.decisions == {
+        "tied": (None, "tied lookup and matmul"),
+        "lookup": (None, "lookup"),
+        "pos": (None, "elementwise only (add)"),
+    }
+
+
+def test_dynamic_index_with_data_is_a_lookup():
+    def fn(p, i, x):
+        return x @ jax.lax.dynamic_index_in_dim(p["stack"], i, keepdims=False)
+
+    rule = optax_gc.infer_output_axes(
+        fn, {"stack": jnp.zeros((2, 3, 3))}, jnp.int32(0), X
+    )
+    assert rule.decisions["stack"] == (None, "lookup")
+
+
+def test_stacks_are_kept_scan_loop_and_vmap():
+    def fn(p, x):
+        h, _ = jax.lax.scan(lambda h, w: (h @ w, None), x @ p["w"], p["scan"])
+        h = jax.lax.fori_loop(0, 2, lambda i, h: h @ p["loop"][i], h)
+        return jax.vmap(lambda w, h: h @ w, in_axes=(0, None))(p["ensemble"], h)
+
+    params = {
+        "w": jnp.zeros((3, 4)),
+        "scan": jnp.zeros((2, 4, 4)),
+        "loop": jnp.zeros((2, 4, 4)),
+        "ensemble": jnp.zeros((3, 4, 2)),
+    }
+    rule = optax_gc.infer_output_axes(fn, params, X)
+    assert axes_of(rule) == {
+        "w": (1,),
+        "scan": (0, 2),
+        "loop": (0, 2),
+        "ensemble": (0, 2),
+    }
+    assert why(rule, "scan").endswith("; stacked axis 0 kept")
+
+
+def test_weight_normalization():
+    def fn(p, x):
+        v = p["v"]
+        w = p["g"] * v / jnp.linalg.norm(v, axis=0, keepdims=True)
+        return x @ w
+
+    rule = optax_gc.infer_output_axes(
+        fn, {"v": jnp.ones((3, 4)), "g": jnp.ones((1, 4))}, X
+    )
+    # v carries axis 0 into the contraction; g (1, 4) has no axis there.
+    assert rule.decisions["v"] == ((1,), "dot_general contracts axis 0")
+    assert rule.decisions["g"][0] is None
+    assert "no axis contracted" in rule.decisions["g"][1]
+
+
+def test_untouched_reasons():
+    def fn(p, x):
+        h = x @ (p["sym"] + p["sym"].T)  # axis 0 and 1 both contracted and kept
+        h = h + x @ jnp.broadcast_to(p["summed"].sum(0), (3, 3))  # reduced first
+        h = h @ p["twice"] + h @ p["twice"].T  # two uses that disagree
+        h = h + x @ p["mixed"] * p["mixed"][:1]  # matmul and elementwise
+        return jnp.linalg.qr(p["qr"])[0] @ h.T  # an op the analysis does not know
+
+    params = {
+        "sym": jnp.zeros((3, 3)),
+        "summed": jnp.zeros((2, 3)),
+        "twice": jnp.zeros((3, 3)),
+        "mixed": jnp.zeros((3, 3)),
+        "qr": jnp.zeros((3, 3)),
+        "unused": jnp.zeros((3, 3)),
+    }
+    rule = optax_gc.infer_output_axes(fn, params, X)
+    assert all(axes is None for axes in axes_of(rule).values())
+    assert why(rule, "sym") == "axes (0, 1) both contracted and kept by dot_general"
+    assert why(rule, "summed") == "axis 0 reduced before dot_general"
+    assert why(rule, "twice").startswith("uses disagree: dot_general contracts")
+    assert why(rule, "mixed") == (
+        "uses disagree: dot_general contracts axis 0; elementwise (mul)"
+    )
+    assert why(rule, "qr").startswith("unsupported op: ")
+    assert why(rule, "unused") == "not used with data"
+
+
+def test_loop_carry_mixed_with_data():
+    def fn(p, x):
+        def body(h, xt):
+            return jnp.tanh(h @ p["rec"] + xt @ p["inp"]), None
+
+        h, _ = jax.lax.scan(body, p["h0"], x)
+        return h
+
+    params = {
+        "h0": jnp.zeros((4,)),
+        "rec": jnp.zeros((4, 4)),
+        "inp": jnp.zeros((3, 4)),
+    }
+    rule = optax_gc.infer_output_axes(fn, params, X)
+    assert axes_of(rule) == {"h0": None, "rec": (1,), "inp": (1,)}
+    assert why(rule, "h0") == "elementwise only (loop carry)"
+
+
+def test_calls_are_followed():
+    @jax.custom_vjp
+    def matmul(x, w):
+        return x @ w
+
+    matmul.defvjp(lambda x, w: (x @ w, (x, w)), lambda r, g: (g @ r[1].T, r[0].T @ g))
+
+    @jax.custom_jvp
+    def act(h):
+        return jnp.tanh(h)
+
+    act.defjvp(lambda primals, tangents: (act(primals[0]), tangents[0]))
+
+    def fn(p, x):
+        h = jax.jit(lambda x, w: x @ w)(x, p["jit"])
+        h = jax.checkpoint(lambda h: act(h @ p["remat"]))(h)
+        h = matmul(h, p["vjp"])
+        return jax.lax.cond(h.sum() > 0, lambda h: h @ p["cond"], jnp.sin, h)
+
+    params = {k: jnp.zeros((3, 3)) for k in ("jit", "remat", "vjp", "cond")}
+    rule = optax_gc.infer_output_axes(fn, params, X)
+    assert axes_of(rule) == dict.fromkeys(params, (1,))
+
+
+def test_debug_print_of_a_weight_is_not_a_use():
+    def fn(p, x):
+        jax.debug.print("{}", p["w"].sum())
+        return x @ p["w"]
+
+    rule = optax_gc.infer_output_axes(fn, {"w": jnp.zeros((3, 2))}, X)
+    assert axes_of(rule) == {"w": (1,)}
+
+
+def test_size_one_axes_never_form_the_fan_in():
+    def fn(p, x):
+        return x[:, :1] @ p["one_in"] + x @ p["one_out"]
+
+    params = {"one_in": jnp.zeros((1, 4)), "one_out": jnp.zeros((3, 1))}
+    rule = optax_gc.infer_output_axes(fn, params, X)
+    # (1, 4): every axis with more than one entry is kept: nothing to average.
+    assert rule.decisions["one_in"][0] is None
+    assert axes_of(rule)["one_out"] == (1,)
+
+
+# -- inputs ---------------------------------------------------------------------------
+
+
+def test_static_arguments_keys_and_abstract_params():
+    def fn(p, x, key, *, train, scale=2.0):
+        if train:
+            x = x * jax.random.bernoulli(key, 0.5, x.shape)
+        return scale * (x @ p["w"])
+
+    params = {"w": jax.ShapeDtypeStruct((3, 2), jnp.float32), "name": "dense"}
+    rule = optax_gc.infer_output_axes(fn, params, X, jax.random.key(0), train=True)
+    assert rule.decisions == {
+        "w": ((1,), "dot_general contracts axis 0"),
+        "name": (None, "not an array"),
+    }
+
+
+def test_closed_over_data_is_a_constant():
+    x = jnp.ones((5, 3))
+    rule = optax_gc.infer_output_axes(lambda p: x @ p["w"], {"w": jnp.ones((3, 2))})
+    assert rule.decisions["w"] == (None, "not used with data")
+
+
+def test_nothing_runs_on_data():
+    def fn(p, x):
+        if not isinstance(x, jax.core.Tracer):
+            raise AssertionError("fn ran on a concrete value")
+        return x @ p["w"]
+
+    optax_gc.infer_output_axes(fn, {"w": jnp.ones((3, 2))}, jnp.ones((5, 3)))
+
+
+# -- the rule ---------------------------------------------------------------------
+
+
+def _model(p, x):
+    return jnp.einsum("bi,ihd->bhd", x, p["q"]) @ p["w"].T
+
+
+PARAMS = {"q": jnp.zeros((3, 2, 4)), "w": jnp.zeros((5, 4)), "b": jnp.zeros(5)}
+
+
+def _grads():
+    keys = jax.random.split(jax.random.key(1), 3)
+    return {
+        k: jax.random.normal(key, v.shape)
+        for key, (k, v) in zip(keys, PARAMS.items(), strict=True)
+    }
+
+
+def test_centralize_with_the_rule_equals_explicit_axes():
+    rule = optax_gc.infer_output_axes(_model, PARAMS, X)
+    grads = _grads()
+    got, _ = jax.jit(optax_gc.centralize(output_axes=rule).update)(grads, None)
+    want = {
+        "q": optax_gc.centralize_array(grads["q"], output_axes=(1, 2)),
+        "w": optax_gc.centralize_array(grads["w"], output_axes=0),
+        "b": grads["b"],
+    }
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7)
+
+
+def test_decisions_are_static():
+    """The rule adds nothing to the step: same jaxpr as explicit per-leaf axes."""
+    rule = optax_gc.infer_output_axes(_model, PARAMS, X)
+    explicit = optax_gc.path_rules({"q": (1, 2), "w": 0, "b": None})
+    jaxprs = [
+        str(jax.make_jaxpr(optax_gc.centralize(output_axes=r).update)(_grads(), None))
+        for r in (rule, explicit)
+    ]
+    assert jaxprs[0] == jaxprs[1]
+
+
+def test_rule_in_the_aliases_gc_fraction_and_inject_hyperparams():
+    rule = optax_gc.infer_output_axes(_model, PARAMS, X)
+    fractions = optax_gc.gc_fraction(_grads(), output_axes=rule)
+    assert float(fractions["b"]) == 0.0 and float(fractions["w"]) > 0.0
+    tx = optax.inject_hyperparams(optax_gc.gc_adamw, static_args=("output_axes",))(
+        learning_rate=1e-2, output_axes=rule
+    )
+    updates, _ = tx.update(_grads(), tx.init(PARAMS), PARAMS)
+    # update placement: each unit's update has zero mean over its fan-in.
+    np.testing.assert_allclose(updates["w"].mean(1), 0.0, atol=1e-7)
+    np.testing.assert_allclose(updates["q"].mean(0), 0.0, atol=1e-7)
+
+
+def test_unknown_path_names_it():
+    rule = optax_gc.infer_output_axes(_model, PARAMS, X)
+    grads = {"params": _grads()}
+    with pytest.raises(ValueError, match=r'leaf "params/q" is not a leaf'):
+        optax_gc.centralize(output_axes=rule).update(grads, None)
+
+
+def test_shape_mismatch_names_the_leaf():
+    rule = optax_gc.infer_output_axes(_model, PARAMS, X)
+    grads = {**_grads(), "w": jnp.ones((4, 5))}
+    with pytest.raises(ValueError, match=r'leaf "w" has shape \(4, 5\)'):
+        optax_gc.centralize(output_axes=rule).update(grads, None)
+
+
+def test_paths_that_collide_and_disagree_raise_when_used():
+    def fn(p, x):
+        return x @ p["a"]["b"] @ p["a/b"].T
+
+    params = {"a": {"b": jnp.zeros((3, 3))}, "a/b": jnp.zeros((3, 3))}
+    rule = optax_gc.infer_output_axes(fn, params, X)
+    with pytest.raises(ValueError, match='two leaves share the path "a/b"'):
+        optax_gc.centralize(output_axes=rule).update(params, None)
+
+
+@pytest.mark.parametrize(
+    "fn, params, match",
+    [
+        (None, PARAMS, "fn must be callable"),
+        (_model, {"step": 3}, "params has no array leaf"),
+    ],
+)
+def test_bad_input(fn, params, match):
+    with pytest.raises(ValueError, match=match):
+        optax_gc.infer_output_axes(fn, params, X)
+
+
+def test_repr():
+    rule = optax_gc.infer_output_axes(_model, PARAMS, X)
+    assert repr(rule) == "InferredAxes(3 leaves, 2 with output axes)"
