@@ -189,19 +189,19 @@ class _Interpreter:
                 *(a for d, a in enumerate(src.axes) if d not in fan_dims)
             )
             kept |= src.stacked
-            both = fan & kept
+            # Size-1 axes change nothing either way: never a conflict.
+            sizes = self.shapes[leaf]
+            big = frozenset(a for a in range(len(sizes)) if sizes[a] != 1)
+            both = fan & kept & big
             if both:
                 return _Use(
                     "conflict",
                     f"{_describe(both)} both contracted and kept by {what}",
                 )
-            sizes = self.shapes[leaf]
-            lost = {a for a in range(len(sizes)) if sizes[a] != 1} - fan - kept
+            lost = big - fan - kept
             if lost:
-                return _Use(
-                    "conflict", f"{_describe(frozenset(lost))} reduced before {what}"
-                )
-            return _Use("contract", what, fan, src.stacked)
+                return _Use("conflict", f"{_describe(lost)} reduced before {what}")
+            return _Use("contract", what, fan - kept, src.stacked & big)
 
         self.use(value, use)
 
@@ -542,32 +542,36 @@ def _decide(uses: dict[_Use, int], shape: tuple[int, ...]) -> tuple[Any, str]:
     if not contracts:
         names = sorted({u.what for u in by_kind["elementwise"]})
         return None, f"elementwise only ({', '.join(names)})"
-    described = sorted({_describe_use(u) for u in contracts})
-    if "elementwise" in by_kind:
-        names = sorted({u.what for u in by_kind["elementwise"]})
-        described.append(f"elementwise ({', '.join(names)})")
-    if len(described) > 1 or len({u.fan_in for u in contracts}) > 1:
+    big = frozenset(a for a in range(len(shape)) if shape[a] != 1)
+    ops = sorted({u.what for u in contracts})
+    fans = {u.fan_in & big for u in contracts}
+    if len(fans) > 1 or "elementwise" in by_kind:
+        described = sorted({_describe_use(u.what, u.fan_in) for u in contracts})
+        if "elementwise" in by_kind:
+            names = sorted({u.what for u in by_kind["elementwise"]})
+            described.append(f"elementwise ({', '.join(names)})")
         return None, "uses disagree: " + "; ".join(described)
-    fan_in = contracts[0].fan_in
-    stacked = frozenset().union(*(u.stacked for u in contracts))
-    reason = described[0]
+    fan_in = frozenset().union(*(u.fan_in for u in contracts))
+    if not fan_in:
+        return None, f"{' and '.join(ops)}: no axis contracted"
+    reason = _describe_use(" and ".join(ops), fan_in)
     count = sum(uses[u] for u in contracts)
     if count > 1:
         reason += f" ({count} uses)"
+    stacked = frozenset().union(*(u.stacked for u in contracts))
     if stacked:
         reason += f"; stacked {_describe(stacked)} kept"
-    if not fan_in:
-        return None, f"{described[0]}: no axis contracted"
     kept = tuple(a for a in range(len(shape)) if a not in fan_in)
     if not kept:
         return None, f"{reason}: every axis contracted, no output axis"
     return kept, reason
 
 
-def _describe_use(u: _Use) -> str:
-    if u.what == "conv":
-        return f"conv: in-feature and spatial {_describe(u.fan_in)}"
-    return f"{u.what} contracts {_describe(u.fan_in)}"
+def _describe_use(ops: str, fan_in: frozenset) -> str:
+    if ops == "conv":
+        return f"conv: in-feature and spatial {_describe(fan_in)}"
+    verb = "contract" if " and " in ops else "contracts"
+    return f"{ops} {verb} {_describe(fan_in)}"
 
 
 def _is_array(x: Any) -> bool:
@@ -727,20 +731,8 @@ def infer_output_axes(
     )
     shapes = [tuple(np.shape(leaves[i])) for i in traced]
     interp = _Interpreter(shapes)
-    # Size-1 parameter axes carry nothing: centring over them or keeping them
-    # is the same projection, so they are left out of every map.
     inputs: list[Any] = [
-        _Weight(
-            {
-                k: _Src(
-                    tuple(
-                        frozenset({a}) if s[a] != 1 else frozenset()
-                        for a in range(len(s))
-                    ),
-                    frozenset(),
-                )
-            }
-        )
+        _Weight({k: _Src(tuple(frozenset({a}) for a in range(len(s))), frozenset())})
         for k, s in enumerate(shapes)
     ] + [DATA] * len(arg_traced)
     interp.run(closed, inputs)

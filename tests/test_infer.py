@@ -157,10 +157,12 @@ def test_weight_normalization():
     rule = optax_gc.infer_output_axes(
         fn, {"v": jnp.ones((3, 4)), "g": jnp.ones((1, 4))}, X
     )
-    # v carries axis 0 into the contraction; g (1, 4) has no axis there.
+    # v carries axis 0 into the contraction. g (1, 4) is broadcast along it: its
+    # fan-in is its size-1 axis 0, so GC leaves it alone ("fan-in 1").
     assert rule.decisions["v"] == ((1,), "dot_general contracts axis 0")
-    assert rule.decisions["g"][0] is None
-    assert "no axis contracted" in rule.decisions["g"][1]
+    assert rule.decisions["g"] == ((1,), "dot_general contracts axis 0")
+    params = {"v": jnp.ones((3, 4)), "g": jnp.ones((1, 4))}
+    assert optax_gc.explain(params, output_axes=rule)["g"].why == "fan-in 1"
 
 
 def test_untouched_reasons():
@@ -242,15 +244,24 @@ def test_debug_print_of_a_weight_is_not_a_use():
     assert axes_of(rule) == {"w": (1,)}
 
 
-def test_size_one_axes_never_form_the_fan_in():
+def test_size_one_axes_follow_the_use_and_never_conflict():
     def fn(p, x):
-        return x[:, :1] @ p["one_in"] + x @ p["one_out"]
+        h = x[:, :1] @ p["one_in"] + x @ p["one_out"]
+        return jax.lax.conv_general_dilated(
+            h[None, :, :, None], p["depthwise"], (1, 1), "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )  # fmt: skip
 
-    params = {"one_in": jnp.zeros((1, 4)), "one_out": jnp.zeros((3, 1))}
+    params = {
+        "one_in": jnp.zeros((1, 4)),
+        "one_out": jnp.zeros((3, 1)),
+        "depthwise": jnp.zeros((3, 3, 1, 8)),
+    }
     rule = optax_gc.infer_output_axes(fn, params, X)
-    # (1, 4): every axis with more than one entry is kept: nothing to average.
-    assert rule.decisions["one_in"][0] is None
-    assert axes_of(rule)["one_out"] == (1,)
+    assert axes_of(rule) == {"one_in": (1,), "one_out": (1,), "depthwise": (3,)}
+    assert why(rule, "depthwise") == "conv: in-feature and spatial axes (0, 1, 2)"
+    # GC leaves a fan-in of one element alone, whoever decided the axes.
+    assert optax_gc.explain(params, output_axes=rule)["one_in"].why == "fan-in 1"
 
 
 # -- inputs ---------------------------------------------------------------------------
