@@ -4,12 +4,15 @@
 times a full train step of. The ``*_shapes`` builders give the ``{path: shape}``
 of real models' parameters in Flax layout (kernels ``(..., in, out)``), from
 which ``benchmarks.overhead`` builds random gradient trees; ``GPT2_RULES`` are
-the GC output axes for the GPT-2 tree.
+the GC output axes for the GPT-2 tree, written by hand. ``GPT2`` is a Flax
+linen GPT-2 whose parameter tree is ``gpt2_small_shapes``: the model
+``benchmarks.inference`` reads the output axes of.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 import optax_gc
 
@@ -102,3 +105,42 @@ GPT2_RULES = optax_gc.path_rules(
         r"out/kernel$": (2,),
     }
 )
+
+
+class _MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.gelu(nn.Dense(4 * x.shape[-1], name="fc")(x))
+        return nn.Dense(x.shape[-1], name="proj")(h)
+
+
+class _GPT2Block(nn.Module):
+    heads: int
+
+    @nn.compact
+    def __call__(self, x, mask):
+        h = nn.LayerNorm(name="ln_1")(x)
+        x = x + nn.MultiHeadDotProductAttention(self.heads, name="attn")(
+            h, h, mask=mask
+        )
+        return x + _MLP(name="mlp")(nn.LayerNorm(name="ln_2")(x))
+
+
+class GPT2(nn.Module):
+    """A GPT-2 in Flax linen, tied logits; its tree is ``gpt2_small_shapes``."""
+
+    layers: int = 12
+    d: int = 768
+    heads: int = 12
+    vocab: int = 50257
+    ctx: int = 1024
+
+    @nn.compact
+    def __call__(self, tokens):
+        wte = nn.Embed(self.vocab, self.d, name="wte")
+        positions = jnp.arange(tokens.shape[-1])
+        x = wte(tokens) + nn.Embed(self.ctx, self.d, name="wpe")(positions)[None]
+        mask = nn.make_causal_mask(tokens)
+        for i in range(self.layers):
+            x = _GPT2Block(self.heads, name=f"h_{i}")(x, mask)
+        return wte.attend(nn.LayerNorm(name="ln_f")(x))

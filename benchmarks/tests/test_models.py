@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import optax_gc
 from benchmarks import models
 
 
@@ -24,3 +25,22 @@ def test_cnn_logits_shape(size, stem_stride):
     variables = model.init(jax.random.key(0), x, train=False)
     assert set(variables) == {"params", "batch_stats"}
     assert model.apply(variables, x, train=False).shape == (2, 10)
+
+
+def test_gpt2_module_has_the_gpt2_tree_and_inference_agrees_with_the_rules():
+    sizes = dict(layers=2, d=16, heads=2, vocab=50, ctx=8)
+    model = models.GPT2(**sizes)
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    shapes = {optax_gc._axes.path_str(k): v.shape for k, v in flat}
+    assert shapes == models.gpt2_small_shapes(**sizes)
+    rule = optax_gc.infer_output_axes(
+        lambda p, t: model.apply({"params": p}, t), params, tokens
+    )
+    inferred = optax_gc.explain(params, output_axes=rule)
+    by_hand = optax_gc.explain(params, output_axes=models.GPT2_RULES)
+    assert [r.kept for r in inferred] == [r.kept for r in by_hand]
+    assert inferred["wte/embedding"].why == "tied lookup and matmul"
+    # Looked up at arange(T): a data-independent index, then added to data.
+    assert inferred["wpe/embedding"].why == "elementwise only (add)"
