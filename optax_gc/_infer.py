@@ -18,6 +18,7 @@ output axes, or leave it untouched with the reason.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -60,6 +61,18 @@ class _Kind:
 
 CONST = _Kind("CONST")
 DATA = _Kind("DATA")
+ONEHOT = _Kind("ONEHOT")  # data: an indicator ``ids == arange(n)``, cast or not
+
+
+def _is_data(x: Any) -> bool:
+    return x is DATA or x is ONEHOT
+
+
+_ONEHOT_KEEPS = frozenset(
+    "convert_element_type broadcast_in_dim reshape transpose squeeze copy copy_p "
+    "sharding_constraint".split()
+)
+"""Primitives after which a one-hot indicator is still one."""
 
 
 class _Use(NamedTuple):
@@ -219,11 +232,28 @@ class _Interpreter:
             ins = [read(v) for v in eqn.invars]
             if any(isinstance(x, _Weight) for x in ins):
                 outs = self.eqn(eqn, ins)
+            elif any(_is_data(x) for x in ins):
+                outs = self.data_eqn(eqn, ins)
             else:
-                kind = DATA if any(x is DATA for x in ins) else CONST
-                outs = [kind] * len(eqn.outvars)
+                outs = [CONST] * len(eqn.outvars)
             env.update(zip(eqn.outvars, outs, strict=True))
         return [read(v) for v in jaxpr.outvars]
+
+    def data_eqn(self, eqn: Any, ins: list[Any]) -> list[Any]:
+        """Data only: tracks one-hot indicators, which make a matmul a lookup."""
+        name = eqn.primitive.name
+        if name == "eq" and {ins[0], ins[1]} == {DATA, CONST}:
+            # ids == arange(n): the constant adds the class axis (ids == 0 does not)
+            data = eqn.invars[0] if ins[0] is DATA else eqn.invars[1]
+            size = math.prod(eqn.outvars[0].aval.shape)
+            if size > math.prod(data.aval.shape):
+                return [ONEHOT]
+        if name in _ONEHOT_KEEPS and ins[0] is ONEHOT:
+            return [ONEHOT]
+        sub = _sub_jaxpr(eqn)  # e.g. jax.nn.one_hot is a jitted function
+        if sub is not None:
+            return self.run(sub, ins)
+        return [DATA] * len(eqn.outvars)
 
     def eqn(self, eqn: Any, ins: list[Any]) -> list[Any]:
         name = eqn.primitive.name
@@ -247,7 +277,7 @@ class _Interpreter:
         return [DATA] * n_out
 
     def elementwise(self, what: str, ins: Sequence[Any], rank: int) -> Any:
-        if any(x is DATA for x in ins):
+        if any(_is_data(x) for x in ins):
             self.mix(ins, what)
             return DATA
         return _merge(ins, rank)
@@ -359,7 +389,7 @@ class _Interpreter:
         operand, indices = ins[0], ins[1:]
         if any(isinstance(i, _Weight) for i in indices):
             return self.unsupported(eqn, ins)
-        if any(i is DATA for i in indices):
+        if any(_is_data(i) for i in indices):
             self.use(operand, lambda leaf, src: _Use("lookup", "dynamic_slice"))
             return [DATA]
         return [operand]  # sliced axes are marked stacked where they are dropped
@@ -368,7 +398,7 @@ class _Interpreter:
         operand, indices = ins
         if isinstance(indices, _Weight):
             return self.unsupported(eqn, ins)
-        if indices is DATA:
+        if _is_data(indices):
             self.use(operand, lambda leaf, src: _Use("lookup", "gather"))
             return [DATA]
         dn = eqn.params["dimension_numbers"]
@@ -392,7 +422,11 @@ class _Interpreter:
     def p_dot_general(self, eqn, ins):
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
         lhs, rhs = ins
-        if lhs is DATA or rhs is DATA:
+        if ONEHOT in (lhs, rhs):  # one_hot(ids) @ table: a lookup
+            for x in (lhs, rhs):
+                self.use(x, lambda leaf, src: _Use("lookup", "one-hot dot_general"))
+            return [DATA]
+        if _is_data(lhs) or _is_data(rhs):
             self.contract(lhs, tuple(lc), "dot_general")
             self.contract(rhs, tuple(rc), "dot_general")
             return [DATA]
@@ -441,7 +475,9 @@ class _Interpreter:
             return b
         if b is CONST:
             return a
-        if a is DATA or b is DATA:
+        if a is ONEHOT and b is ONEHOT:
+            return ONEHOT
+        if _is_data(a) or _is_data(b):
             return DATA
         return _merge([a, b], len(next(iter(a.srcs.values())).axes))
 
@@ -467,7 +503,7 @@ class _Interpreter:
 
     def mix_carry(self, inits, outs, fixed) -> None:
         for init, out, f in zip(inits, outs, fixed, strict=True):
-            if f is DATA:
+            if _is_data(f):
                 self.mix([init, out], "loop carry")
 
     def p_scan(self, eqn, ins):
@@ -516,7 +552,7 @@ class _Interpreter:
             joined = values[0]
             for v in values[1:]:
                 joined = self.join(joined, v)
-            if joined is DATA:
+            if _is_data(joined):
                 self.mix(values, "cond")
             outs.append(joined)
         return outs

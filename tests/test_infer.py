@@ -116,6 +116,27 @@ def test_lookup_elementwise_and_tied():
     }
 
 
+def test_one_hot_matmul_is_a_lookup():
+    def fn(p, tokens):
+        h = jax.nn.one_hot(tokens, 10) @ p["one_hot"]
+        manual = (tokens[:, None] == jnp.arange(10)[None]).astype(jnp.float32)
+        h = h + manual @ p["tied"]
+        pad = (tokens == 0).astype(jnp.float32)[:, None]  # a mask, not a one-hot
+        return (h * pad) @ p["tied"].T, jnp.outer(pad[:, 0], 1.0) @ p["dense"]
+
+    params = {
+        "one_hot": jnp.zeros((10, 4)),
+        "tied": jnp.zeros((10, 4)),
+        "dense": jnp.zeros((1, 4)),
+    }
+    rule = optax_gc.infer_output_axes(fn, params, jax.ShapeDtypeStruct((6,), jnp.int32))
+    assert rule.decisions == {
+        "one_hot": (None, "lookup"),
+        "tied": (None, "tied lookup and matmul"),
+        "dense": ((1,), "dot_general contracts axis 0"),
+    }
+
+
 def test_dynamic_index_with_data_is_a_lookup():
     def fn(p, i, x):
         return x @ jax.lax.dynamic_index_in_dim(p["stack"], i, keepdims=False)
