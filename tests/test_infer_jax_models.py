@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import optax_gc
+from optax_gc._axes import path_str
 from tests.helpers import fan_in_means
 
 F32 = jnp.float32
@@ -164,7 +165,10 @@ def _jit(p, x):  # (m)
 
 def _shard_map(p, x):  # (m)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
-    f = jax.shard_map(
+    shard_map = getattr(jax, "shard_map", None)
+    if shard_map is None:  # jax < 0.6
+        from jax.experimental.shard_map import shard_map
+    f = shard_map(
         lambda w, x: jnp.tanh(x @ w),
         mesh=mesh,
         in_specs=(P(), P("d")),
@@ -379,10 +383,7 @@ def _random(tree, seed):
 
 
 def _flat(tree):
-    return [
-        (jax.tree_util.keystr(p, simple=True, separator="/"), x)
-        for p, x in jax.tree.leaves_with_path(tree)
-    ]
+    return [(path_str(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 # No gradient through pure_callback or a while_loop (reverse mode); the
