@@ -7,17 +7,24 @@ Every value is one of three kinds:
 * data: depends on a non-parameter input (``args``, ``kwargs``);
 * weight-derived: computed from parameters without data. For each parameter
   it comes from, it records which of the parameter's axes each of its own
-  axes carries (a reshape that merges axes carries all of them), and which
-  parameter axes were sliced off by a data-independent index (a stack).
+  axes carries (a reshape that merges axes carries all of them), which
+  parameter axes were sliced off by a data-independent index (a stack), which
+  were mixed across their entries (a reduction, ``cumsum``, a broadcast
+  single entry), and, after a concatenation, where the parameter lies.
 
 Where a weight-derived value meets data, the parameter is *used*, and the use
 says which of its axes are the fan-in (``dot_general``, convolutions) or that
-it has none (a lookup, an elementwise op). The uses of a leaf then decide its
-output axes, or leave it untouched with the reason.
+it has none (a lookup, an elementwise op). The outputs of uses of stack
+slices carry tokens through linear data ops, so that slices whose outputs are
+summed (a convolution written as shifted matmuls over a ``(taps, in, out)``
+kernel) are recognised as one unit's fan-in rather than a stack of layers.
+The uses of a leaf then decide its output axes, or leave it untouched with
+the reason.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -28,13 +35,16 @@ import numpy as np
 from optax_gc._axes import AxesRule, path_str
 
 _Axes = tuple[frozenset, ...]
+_EMPTY: frozenset = frozenset()
 
 
 class _Src(NamedTuple):
     """How a weight-derived value relates to one parameter leaf."""
 
     axes: _Axes  # per axis of the value, the parameter axes it carries
-    stacked: frozenset  # parameter axes sliced off by a data-independent index
+    stacked: frozenset = _EMPTY  # (parameter axis, slice id): sliced off
+    mixed: frozenset = _EMPTY  # parameter axes whose entries were combined
+    span: tuple | None = None  # (value axis, start, stop) after a concatenate
 
 
 class _Weight:
@@ -60,12 +70,28 @@ class _Kind:
 
 
 CONST = _Kind("CONST")
-DATA = _Kind("DATA")
-ONEHOT = _Kind("ONEHOT")  # data: an indicator ``ids == arange(n)``, cast or not
+
+
+class _Data(NamedTuple):
+    """A data value.
+
+    ``tokens``: ``(leaf, slice id, earlier)`` for each use of a stack slice
+    whose output this value is a linear function of (``earlier``: from an
+    earlier iteration of a loop); ``ancestors``: every such token upstream;
+    ``onehot``: an indicator ``ids == arange(n)``, cast or reshaped.
+    """
+
+    tokens: frozenset = _EMPTY
+    ancestors: frozenset = _EMPTY
+    onehot: bool = False
+
+
+DATA = _Data()
+ONEHOT = _Data(onehot=True)
 
 
 def _is_data(x: Any) -> bool:
-    return x is DATA or x is ONEHOT
+    return isinstance(x, _Data)
 
 
 _ONEHOT_KEEPS = frozenset(
@@ -74,16 +100,29 @@ _ONEHOT_KEEPS = frozenset(
 )
 """Primitives after which a one-hot indicator is still one."""
 
+_LINEAR = frozenset(
+    """add sub add_any neg convert_element_type reshape transpose
+    broadcast_in_dim squeeze slice pad concatenate rev reduce_sum copy copy_p
+    cumsum dynamic_slice dynamic_update_slice gather split sharding_constraint
+    reduce_precision psum real imag conj pvary mesh_cast reshard""".split()
+)
+"""Data ops through which a value stays a linear function of its inputs."""
+
+_SUMS = frozenset({"add", "sub", "add_any"})
+
 
 class _Use(NamedTuple):
-    kind: str  # "contract", "lookup", "elementwise", "unsupported", "conflict"
+    # "contract", "lookup", "elementwise", "unsupported", "conflict", "constant",
+    # "summed"
+    kind: str
     what: str  # primitive (contract, elementwise, unsupported) or the detail
-    fan_in: frozenset = frozenset()
-    stacked: frozenset = frozenset()
+    fan_in: frozenset = _EMPTY
+    stacked: frozenset = _EMPTY  # (axis, slice id)
+    sids: frozenset = _EMPTY  # "summed": slice ids whose outputs are added
 
 
-def _map_axes(w: _Weight, fn: Callable[[_Src], _Src]) -> _Weight:
-    return _Weight({leaf: fn(src) for leaf, src in w.srcs.items()})
+def _stacked_axes(stacked: frozenset) -> frozenset:
+    return frozenset(a for a, _ in stacked)
 
 
 def _merge(values: Sequence[Any], rank: int) -> _Weight:
@@ -93,23 +132,24 @@ def _merge(values: Sequence[Any], rank: int) -> _Weight:
         if not isinstance(w, _Weight):
             continue
         for leaf, src in w.srcs.items():
-            axes = (frozenset(),) * (rank - len(src.axes)) + src.axes[-rank:]
             if len(src.axes) > rank:  # cannot happen for well-formed jaxprs
-                axes = (frozenset().union(*src.axes),) * rank
+                src = src._replace(axes=(frozenset().union(*src.axes),) * rank)
+            elif len(src.axes) < rank:
+                pad = (_EMPTY,) * (rank - len(src.axes))
+                span = src.span
+                if span is not None:
+                    span = (span[0] + rank - len(src.axes),) + span[1:]
+                src = src._replace(axes=pad + src.axes, span=span)
             old = srcs.get(leaf)
             if old is not None:
-                axes = tuple(a | b for a, b in zip(old.axes, axes, strict=True))
-                src = _Src(axes, old.stacked | src.stacked)
-            srcs[leaf] = _Src(axes, src.stacked)
+                src = _Src(
+                    tuple(a | b for a, b in zip(old.axes, src.axes, strict=True)),
+                    old.stacked | src.stacked,
+                    old.mixed | src.mixed,
+                    old.span if old.span == src.span else None,
+                )
+            srcs[leaf] = src
     return _Weight(srcs)
-
-
-def _drop_axes(src: _Src, dropped: Sequence[int], stack: bool) -> _Src:
-    """Removes value axes; with ``stack`` their parameter axes become stacked."""
-    gone = frozenset().union(*(src.axes[d] for d in dropped)) if dropped else None
-    axes = tuple(a for d, a in enumerate(src.axes) if d not in dropped)
-    stacked = src.stacked | gone if (stack and gone) else src.stacked
-    return _Src(axes, stacked)
 
 
 def _reshape_groups(old: Sequence[int], new: Sequence[int]) -> list[list[int]] | None:
@@ -155,10 +195,13 @@ _IGNORED = frozenset({"debug_callback", "debug_print"})
 """Primitives with no effect on the computation's values."""
 
 _CALL_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+_LOOPS = frozenset({"scan", "while", "cond"})
 
 
 def _sub_jaxpr(eqn: Any) -> Any:
     """The sub-jaxpr of a call-like primitive (jit, remat, custom_jvp, ...)."""
+    if eqn.primitive.name in _LOOPS:
+        return None
     for name in _CALL_PARAMS:
         sub = eqn.params.get(name)
         inner = getattr(sub, "jaxpr", sub)
@@ -167,9 +210,20 @@ def _sub_jaxpr(eqn: Any) -> Any:
     return None
 
 
-def _describe(fan_in: frozenset) -> str:
-    axes = tuple(sorted(fan_in))
-    return f"axis {axes[0]}" if len(axes) == 1 else f"axes {axes}"
+def _describe(axes: frozenset) -> str:
+    axes_ = tuple(sorted(axes))
+    return f"axis {axes_[0]}" if len(axes_) == 1 else f"axes {axes_}"
+
+
+def _earlier(x: Any) -> Any:
+    """A loop carry fed back: its tokens come from an earlier iteration."""
+    if not isinstance(x, _Data) or not (x.tokens or x.ancestors):
+        return x
+
+    def mark(tokens: frozenset) -> frozenset:
+        return frozenset((leaf, sid, True) for leaf, sid, _ in tokens)
+
+    return _Data(mark(x.tokens), mark(x.ancestors), x.onehot)
 
 
 class _Interpreter:
@@ -177,46 +231,67 @@ class _Interpreter:
 
     def __init__(self, shapes: Sequence[tuple[int, ...]]):
         self.shapes = shapes
-        self.uses: list[dict[_Use, int]] = [{} for _ in shapes]
+        self.big = [frozenset(a for a, n in enumerate(s) if n != 1) for s in shapes]
+        self.uses: dict[int, dict[_Use, int]] = {}
         self.recording = True
 
     # -- bookkeeping -----------------------------------------------------------
 
+    def record(self, leaf: int, use: _Use) -> None:
+        if self.recording:
+            counts = self.uses.setdefault(leaf, {})
+            counts[use] = counts.get(use, 0) + 1
+
     def use(self, value: Any, use: Callable[[int, _Src], _Use]) -> None:
         if self.recording and isinstance(value, _Weight):
             for leaf, src in value.srcs.items():
-                u = use(leaf, src)
-                self.uses[leaf][u] = self.uses[leaf].get(u, 0) + 1
+                self.record(leaf, use(leaf, src))
 
     def mix(self, values: Sequence[Any], what: str) -> None:
         """Weight-derived values meet data with no fan-in."""
         for v in values:
             self.use(v, lambda leaf, src: _Use("elementwise", what))
 
-    def contract(self, value: Any, fan_dims: Sequence[int], what: str) -> None:
-        """``value``'s axes ``fan_dims`` are contracted with data."""
+    def contract(self, value: Any, fan_dims: Sequence[int], what: str) -> frozenset:
+        """``value``'s axes ``fan_dims`` are contracted with data.
+
+        Returns the tokens of the stack slices used, for the output.
+        """
+        tokens = set()
 
         def use(leaf: int, src: _Src) -> _Use:
             fan = frozenset().union(*(src.axes[d] for d in fan_dims))
             kept = frozenset().union(
                 *(a for d, a in enumerate(src.axes) if d not in fan_dims)
             )
-            kept |= src.stacked
+            big = self.big[leaf]
+            stacked = frozenset(p for p in src.stacked if p[0] in big)
+            kept |= _stacked_axes(src.stacked)
             # Size-1 axes change nothing either way: never a conflict.
-            sizes = self.shapes[leaf]
-            big = frozenset(a for a in range(len(sizes)) if sizes[a] != 1)
             both = fan & kept & big
             if both:
                 return _Use(
                     "conflict",
                     f"{_describe(both)} both contracted and kept by {what}",
                 )
+            mixed = src.mixed & kept & big
+            if mixed:
+                return _Use(
+                    "conflict",
+                    f"{_describe(mixed)} mixed across its entries before {what}",
+                )
             lost = big - fan - kept
             if lost:
                 return _Use("conflict", f"{_describe(lost)} reduced before {what}")
-            return _Use("contract", what, fan - kept, src.stacked & big)
+            tokens.update((leaf, sid, False) for _, sid in stacked)
+            return _Use("contract", what, fan - kept, stacked)
 
-        self.use(value, use)
+        if isinstance(value, _Weight):
+            for leaf, src in value.srcs.items():
+                u = use(leaf, src)
+                if self.recording:
+                    self.record(leaf, u)
+        return frozenset(tokens)
 
     # -- evaluation ------------------------------------------------------------
 
@@ -232,7 +307,7 @@ class _Interpreter:
             ins = [read(v) for v in eqn.invars]
             if any(isinstance(x, _Weight) for x in ins):
                 outs = self.eqn(eqn, ins)
-            elif any(_is_data(x) for x in ins):
+            elif any(isinstance(x, _Data) for x in ins):
                 outs = self.data_eqn(eqn, ins)
             else:
                 outs = [CONST] * len(eqn.outvars)
@@ -240,24 +315,52 @@ class _Interpreter:
         return [read(v) for v in jaxpr.outvars]
 
     def data_eqn(self, eqn: Any, ins: list[Any]) -> list[Any]:
-        """Data only: tracks one-hot indicators, which make a matmul a lookup."""
+        """No parameter in: tracks one-hots and the tokens of stack slices."""
         name = eqn.primitive.name
-        if name == "eq" and {ins[0], ins[1]} == {DATA, CONST}:
+        n_out = len(eqn.outvars)
+        data = [x for x in ins if isinstance(x, _Data)]
+        plain = all(x is DATA for x in data)
+        if name == "eq" and plain and CONST in ins:
             # ids == arange(n): the constant adds the class axis (ids == 0 does not)
-            data = eqn.invars[0] if ins[0] is DATA else eqn.invars[1]
+            operand = eqn.invars[0] if ins[0] is DATA else eqn.invars[1]
             size = math.prod(eqn.outvars[0].aval.shape)
-            if size > math.prod(data.aval.shape):
+            if size > math.prod(operand.aval.shape):
                 return [ONEHOT]
         if name in _ONEHOT_KEEPS and ins[0] is ONEHOT:
             return [ONEHOT]
         sub = _sub_jaxpr(eqn)  # e.g. jax.nn.one_hot is a jitted function
         if sub is not None:
             return self.run(sub, ins)
-        return [DATA] * len(eqn.outvars)
+        if plain:
+            return [DATA] * n_out
+        ancestors = frozenset().union(*(x.tokens | x.ancestors for x in data))
+        linear = name in _LINEAR or (
+            name in ("mul", "div", "dot_general", "conv_general_dilated")
+            and len(data) == 1
+            and (name != "div" or ins[0] is data[0])
+        )
+        if not linear or name in _LOOPS:
+            return [_Data(_EMPTY, ancestors)] * n_out
+        if name in _SUMS and len(data) == 2:
+            self.check_sum(data[0], data[1])
+        tokens = frozenset().union(*(x.tokens for x in data))
+        return [_Data(tokens, ancestors)] * n_out
+
+    def check_sum(self, a: _Data, b: _Data) -> None:
+        """Outputs of different slices of one stack added: the slices are fan-in.
+
+        Unless one's input depends on the other's output: then they are
+        successive layers (a residual stream), not one unit's fan-in.
+        """
+        for t in a.tokens:
+            for u in b.tokens:
+                if t[0] == u[0] and t != u and t not in b.ancestors:
+                    if u not in a.ancestors:
+                        sids = frozenset({t[1], u[1]})
+                        self.record(t[0], _Use("summed", "", sids=sids))
 
     def eqn(self, eqn: Any, ins: list[Any]) -> list[Any]:
         name = eqn.primitive.name
-        params = eqn.params
         n_out = len(eqn.outvars)
         if name in _IGNORED:
             return [CONST] * n_out
@@ -265,50 +368,159 @@ class _Interpreter:
         if handler is not None:
             return handler(eqn, ins)
         if name in _ELEMENTWISE and n_out == 1:
-            return [self.elementwise(name, ins, len(eqn.outvars[0].aval.shape))]
+            out = eqn.outvars[0].aval.shape
+            ins = [
+                self.broadcast_entries(x, v, out)
+                for x, v in zip(ins, eqn.invars, strict=True)
+            ]
+            return [self.elementwise(name, ins, len(out))]
         if name in ("optimization_barrier", "device_put"):
             return list(ins)
         sub = _sub_jaxpr(eqn)
         if sub is not None:
             return self.run(sub, ins)
-        del params
-        for x in ins:
-            self.use(x, lambda leaf, src: _Use("unsupported", name))
-        return [DATA] * n_out
+        return self.unsupported(eqn, ins)
+
+    def broadcast_entries(self, x: Any, var: Any, out: Sequence[int]) -> Any:
+        """An operand whose size-1 axes a binary op broadcasts: entries copied."""
+        shape = getattr(getattr(var, "aval", None), "shape", ())
+        if not isinstance(x, _Weight) or len(shape) != len(out):
+            return x
+        dims = [
+            d for d, (n, m) in enumerate(zip(shape, out, strict=True)) if n == 1 != m
+        ]
+        if not dims:
+            return x
+
+        def fn(leaf, s):
+            copied = frozenset().union(*(s.axes[d] for d in dims)) & self.big[leaf]
+            return s._replace(mixed=s.mixed | copied)
+
+        return self.structural(x, fn)
 
     def elementwise(self, what: str, ins: Sequence[Any], rank: int) -> Any:
-        if any(_is_data(x) for x in ins):
+        data = [x for x in ins if isinstance(x, _Data)]
+        if data:
             self.mix(ins, what)
-            return DATA
+            ancestors = frozenset().union(*(x.tokens | x.ancestors for x in data))
+            if what in _SUMS or (what in ("mul", "div") and len(data) == 1):
+                tokens = frozenset().union(*(x.tokens for x in data))
+                return _Data(tokens, ancestors) if tokens or ancestors else DATA
+            return _Data(_EMPTY, ancestors) if ancestors else DATA
         return _merge(ins, rank)
+
+    def unsupported(self, eqn, ins):
+        for x in ins:
+            self.use(x, lambda leaf, src: _Use("unsupported", eqn.primitive.name))
+        return [DATA] * len(eqn.outvars)
 
     # -- structural primitives (one weight-derived operand) --------------------
 
-    def structural(self, x: Any, fn: Callable[[_Src], _Src]) -> Any:
-        return _map_axes(x, fn) if isinstance(x, _Weight) else x
+    def structural(self, x: Any, fn: Callable[[int, _Src], _Src | None]) -> Any:
+        if not isinstance(x, _Weight):
+            return x
+        srcs = {}
+        for leaf, src in x.srcs.items():
+            new = fn(leaf, src)
+            if new is not None:
+                srcs[leaf] = new
+        return _Weight(srcs)
+
+    def drop(self, leaf: int, src: _Src, dims: Sequence[int], sid: Any) -> _Src:
+        """Removes value axes ``dims``: sliced off (``sid``) or reduced (None)."""
+        gone = frozenset().union(*(src.axes[d] for d in dims)) & self.big[leaf]
+        axes = tuple(a for d, a in enumerate(src.axes) if d not in dims)
+        span = src.span
+        if span is not None:
+            span = (
+                None
+                if span[0] in dims
+                else (span[0] - sum(d < span[0] for d in dims),) + span[1:]
+            )
+        if sid is None:
+            return _Src(axes, src.stacked, src.mixed | gone, span)
+        return _Src(axes, src.stacked | {(a, sid) for a in gone}, src.mixed, span)
 
     def p_transpose(self, eqn, ins):
         perm = eqn.params["permutation"]
-        return [
-            self.structural(
-                ins[0], lambda s: _Src(tuple(s.axes[p] for p in perm), s.stacked)
-            )
-        ]
+
+        def fn(leaf, s):
+            span = s.span and (perm.index(s.span[0]),) + s.span[1:]
+            return s._replace(axes=tuple(s.axes[p] for p in perm), span=span)
+
+        return [self.structural(ins[0], fn)]
 
     def p_rev(self, eqn, ins):
-        return [ins[0]]
+        return [self.structural(ins[0], lambda leaf, s: s._replace(span=None))]
+
+    def narrow(self, x: Any, dim: int, start: int, stop: int) -> Any:
+        """A part ``[start, stop)`` of axis ``dim``: only the sources in it."""
+
+        def fn(leaf, s):
+            if s.span is None or s.span[0] != dim:
+                return s
+            lo, hi = max(s.span[1], start), min(s.span[2], stop)
+            if lo >= hi:
+                return None
+            return s._replace(span=(dim, lo - start, hi - start))
+
+        return self.structural(x, fn)
 
     def p_slice(self, eqn, ins):
-        return [ins[0]]
+        x = ins[0]
+        p = eqn.params
+        strides = p.get("strides") or (1,) * len(p["start_indices"])
+        for d, (lo, hi, st) in enumerate(
+            zip(p["start_indices"], p["limit_indices"], strides, strict=True)
+        ):
+            if st == 1:
+                x = self.narrow(x, d, lo, hi)
+            else:
+                x = self.structural(x, lambda leaf, s: s._replace(span=None))
+        return [x]
+
+    def p_split(self, eqn, ins):
+        x, axis = ins[0], eqn.params["axis"]
+        bounds, start = [], 0
+        for size in eqn.params["sizes"]:
+            bounds.append((start, start + size))
+            start += size
+        if not isinstance(x, _Weight):
+            return [x] * len(bounds)
+        # One pass over the sources (a split after a concatenate, as in
+        # ravel_pytree, has one source per part).
+        parts: list[dict[int, _Src]] = [{} for _ in bounds]
+        starts = [lo for lo, _ in bounds]
+        for leaf, src in x.srcs.items():
+            if src.span is None or src.span[0] != axis:
+                for part in parts:
+                    part[leaf] = src
+                continue
+            _, lo, hi = src.span
+            i = max(bisect.bisect_right(starts, lo) - 1, 0)
+            while i < len(bounds) and bounds[i][0] < hi:
+                b_lo, b_hi = bounds[i]
+                if max(lo, b_lo) < min(hi, b_hi):
+                    span = (axis, max(lo, b_lo) - b_lo, min(hi, b_hi) - b_lo)
+                    parts[i][leaf] = src._replace(span=span)
+                i += 1
+        return [_Weight(part) for part in parts]
 
     def p_cumsum(self, eqn, ins):
-        return [ins[0]]
+        axis = eqn.params["axis"]
+
+        def fn(leaf, s):
+            return s._replace(mixed=s.mixed | (s.axes[axis] & self.big[leaf]))
+
+        return [self.structural(ins[0], fn)]
 
     p_cumprod = p_cummax = p_cummin = p_cumlogsumexp = p_cumsum
 
     def p_squeeze(self, eqn, ins):
         dims = eqn.params["dimensions"]
-        return [self.structural(ins[0], lambda s: _drop_axes(s, dims, stack=True))]
+        return [
+            self.structural(ins[0], lambda leaf, s: self.drop(leaf, s, dims, id(eqn)))
+        ]
 
     def p_reshape(self, eqn, ins):
         if eqn.params.get("dimensions") is not None:
@@ -317,57 +529,100 @@ class _Interpreter:
         new = eqn.outvars[0].aval.shape
         groups = _reshape_groups(old, new)
 
-        def fn(s: _Src) -> _Src:
+        def fn(leaf, s):
+            view = self.view_groups(leaf, s, old, new)
+            if view is not None:
+                return s._replace(axes=view, span=None)
             if groups is None:
-                every = frozenset().union(*s.axes) if s.axes else frozenset()
-                return _Src((every,) * len(new), s.stacked)
+                every = frozenset().union(*s.axes) if s.axes else _EMPTY
+                return _Src((every,) * len(new), s.stacked, s.mixed | every)
             gone = [d for d, size in enumerate(old) if size == 1 and s.axes[d]]
-            s = _Src(s.axes, s.stacked.union(*(s.axes[d] for d in gone)))
+            s = self.drop(leaf, s, (), None)._replace(
+                stacked=s.stacked
+                | {(a, id(eqn)) for d in gone for a in s.axes[d] & self.big[leaf]},
+                span=None,
+            )
             axes = tuple(frozenset().union(*(s.axes[i] for i in g)) for g in groups)
-            return _Src(axes, s.stacked)
+            return s._replace(axes=axes)
 
         return [self.structural(ins[0], fn)]
+
+    def view_groups(self, leaf, s, old, new) -> _Axes | None:
+        """A reshape of a row-major view of the whole parameter (a flattened
+        kernel, ``ravel_pytree``): the new axes, read from the parameter's own."""
+        pshape, big = self.shapes[leaf], self.big[leaf]
+        order = [a for d in range(len(s.axes)) for a in sorted(s.axes[d] & big)]
+        if order != sorted(big) or math.prod(old) != math.prod(pshape):
+            return None
+        for d, axes in enumerate(s.axes):
+            if math.prod(pshape[a] for a in axes & big) != old[d]:
+                return None
+        groups = _reshape_groups(pshape, new)
+        if groups is None:
+            return None
+        return tuple(frozenset(g) for g in groups)
 
     def p_broadcast_in_dim(self, eqn, ins):
         shape = eqn.params["shape"]
         dims = eqn.params["broadcast_dimensions"]
+        old = eqn.invars[0].aval.shape
 
-        def fn(s: _Src) -> _Src:
-            axes = [frozenset()] * len(shape)
+        def fn(leaf, s):
+            axes = [_EMPTY] * len(shape)
+            mixed = s.mixed
             for i, d in enumerate(dims):
                 axes[d] = s.axes[i]
-            return _Src(tuple(axes), s.stacked)
+                if old[i] == 1 and shape[d] != 1:  # one entry copied to all
+                    mixed |= s.axes[i] & self.big[leaf]
+            span = s.span and (dims[s.span[0]],) + s.span[1:]
+            return _Src(tuple(axes), s.stacked, mixed, span)
 
         return [self.structural(ins[0], fn)]
 
     def reduce(self, eqn, ins):
         axes = eqn.params["axes"]
-        return [self.structural(ins[0], lambda s: _drop_axes(s, axes, stack=False))]
+        return [self.structural(ins[0], lambda leaf, s: self.drop(leaf, s, axes, None))]
 
     p_reduce_sum = p_reduce_max = p_reduce_min = p_reduce_prod = reduce
     p_reduce_and = p_reduce_or = p_reduce_xor = p_argmax = p_argmin = reduce
 
-    def p_split(self, eqn, ins):
-        return [ins[0]] * len(eqn.outvars)
-
     def p_pad(self, eqn, ins):
-        return [self.elementwise("pad", ins, len(eqn.outvars[0].aval.shape))]
+        out = self.elementwise("pad", ins, len(eqn.outvars[0].aval.shape))
+        return [self.structural(out, lambda leaf, s: s._replace(span=None))]
 
     def p_concatenate(self, eqn, ins):
-        return [self.elementwise("concatenate", ins, len(eqn.outvars[0].aval.shape))]
+        rank = len(eqn.outvars[0].aval.shape)
+        if any(isinstance(x, _Data) for x in ins):
+            return [self.elementwise("concatenate", ins, rank)]
+        dim, start, parts = eqn.params["dimension"], 0, []
+        for x, v in zip(ins, eqn.invars, strict=True):
+            size = v.aval.shape[dim]
+            stop = start + size
+
+            def fn(leaf, s, start=start, stop=stop):
+                return s._replace(span=(dim, start, stop))
+
+            parts.append(self.structural(x, fn))
+            start = stop
+        return [_merge(parts, rank)]
 
     def p_sort(self, eqn, ins):
         rank = len(eqn.outvars[0].aval.shape)
         out = self.elementwise("sort", ins, rank)
-        return [out] * len(eqn.outvars)
+        dim = eqn.params["dimension"]
+
+        def fn(leaf, s):
+            return s._replace(mixed=s.mixed | (s.axes[dim] & self.big[leaf]))
+
+        return [self.structural(out, fn)] * len(eqn.outvars)
 
     def p_all_gather(self, eqn, ins):
         if eqn.params.get("tiled", False):
             return [ins[0]]
         dim = eqn.params["all_gather_dimension"]
 
-        def fn(s: _Src) -> _Src:
-            return _Src(s.axes[:dim] + (frozenset(),) + s.axes[dim:], s.stacked)
+        def fn(leaf, s):
+            return s._replace(axes=s.axes[:dim] + (_EMPTY,) + s.axes[dim:], span=None)
 
         return [self.structural(ins[0], fn)]
 
@@ -378,42 +633,51 @@ class _Interpreter:
 
     p_psum_scatter = p_reduce_scatter
 
-    def unsupported(self, eqn, ins):
-        for x in ins:
-            self.use(x, lambda leaf, src: _Use("unsupported", eqn.primitive.name))
-        return [DATA] * len(eqn.outvars)
-
     # -- indexing ---------------------------------------------------------------
 
     def p_dynamic_slice(self, eqn, ins):
         operand, indices = ins[0], ins[1:]
         if any(isinstance(i, _Weight) for i in indices):
             return self.unsupported(eqn, ins)
-        if any(_is_data(i) for i in indices):
+        if any(isinstance(i, _Data) for i in indices):
             self.use(operand, lambda leaf, src: _Use("lookup", "dynamic_slice"))
             return [DATA]
-        return [operand]  # sliced axes are marked stacked where they are dropped
+        # Sliced axes become stacked where they are dropped (squeeze, reshape).
+        return [self.structural(operand, lambda leaf, s: s._replace(span=None))]
 
     def p_gather(self, eqn, ins):
         operand, indices = ins
         if isinstance(indices, _Weight):
             return self.unsupported(eqn, ins)
-        if _is_data(indices):
+        if isinstance(indices, _Data):
             self.use(operand, lambda leaf, src: _Use("lookup", "gather"))
             return [DATA]
         dn = eqn.params["dimension_numbers"]
-        collapsed = tuple(dn.collapsed_slice_dims) + tuple(
-            getattr(dn, "operand_batching_dims", ())
-        )
-        rank = len(eqn.outvars[0].aval.shape)
+        batching = tuple(getattr(dn, "operand_batching_dims", ()))
+        collapsed = tuple(dn.collapsed_slice_dims)
+        out_shape = eqn.outvars[0].aval.shape
+        rank = len(out_shape)
+        # Output axes that enumerate index positions (more than one: a gather of
+        # several entries, whose axes then carry the collapsed operand axes).
+        positions = [
+            o for o in range(rank) if o not in dn.offset_dims and out_shape[o] != 1
+        ]
 
-        def fn(s: _Src) -> _Src:
-            kept = [d for d in range(len(s.axes)) if d not in collapsed]
-            axes = [frozenset()] * rank
+        def fn(leaf, s):
+            kept = [d for d in range(len(s.axes)) if d not in collapsed + batching]
+            axes = [_EMPTY] * rank
             for d, o in zip(kept, dn.offset_dims, strict=True):
                 axes[o] = s.axes[d]
-            stacked = s.stacked.union(*(s.axes[d] for d in collapsed))
-            return _Src(tuple(axes), stacked)
+            gathered = frozenset().union(*(s.axes[d] for d in collapsed))
+            stacked = s.stacked | {
+                (a, id(eqn)) for d in batching for a in s.axes[d] & self.big[leaf]
+            }
+            if positions:
+                for o in positions:
+                    axes[o] = axes[o] | gathered
+                return _Src(tuple(axes), stacked, s.mixed)
+            stacked |= {(a, id(eqn)) for a in gathered & self.big[leaf]}
+            return _Src(tuple(axes), stacked, s.mixed)
 
         return [self.structural(operand, fn)]
 
@@ -426,107 +690,134 @@ class _Interpreter:
             for x in (lhs, rhs):
                 self.use(x, lambda leaf, src: _Use("lookup", "one-hot dot_general"))
             return [DATA]
-        if _is_data(lhs) or _is_data(rhs):
-            self.contract(lhs, tuple(lc), "dot_general")
-            self.contract(rhs, tuple(rc), "dot_general")
-            return [DATA]
-        # Two weight-derived values (or one and a constant): weight-derived.
+        data = [x for x in ins if isinstance(x, _Data)]
+        if data:
+            tokens = self.contract(lhs, tuple(lc), "dot_general")
+            tokens |= self.contract(rhs, tuple(rc), "dot_general")
+            ancestors = frozenset().union(*(x.tokens | x.ancestors for x in data))
+            return [_Data(tokens, ancestors) if tokens or ancestors else DATA]
+        # Two weight-derived values (or one and a constant): weight-derived; the
+        # contracted axes are mixed away.
+        for value, other in ((lhs, rhs), (rhs, lhs)):
+            if other is CONST:
+                self.use(value, lambda leaf, src: _Use("constant", "dot_general"))
         lhs_rank = len(eqn.invars[0].aval.shape)
         rhs_rank = len(eqn.invars[1].aval.shape)
         lf = [d for d in range(lhs_rank) if d not in lc and d not in lb]
         rf = [d for d in range(rhs_rank) if d not in rc and d not in rb]
-        srcs: dict[int, _Src] = {}
-        for value, batch, free, n_free_before in (
-            (lhs, lb, lf, 0),
-            (rhs, rb, rf, len(lf)),
+        parts = []
+        for value, batch, free, contracted, before in (
+            (lhs, lb, lf, lc, 0),
+            (rhs, rb, rf, rc, len(lf)),
         ):
             if not isinstance(value, _Weight):
                 continue
-            for leaf, s in value.srcs.items():
-                axes = [frozenset()] * (len(lb) + len(lf) + len(rf))
+
+            def fn(
+                leaf, s, batch=batch, free=free, contracted=contracted, before=before
+            ):
+                axes = [_EMPTY] * (len(lb) + len(lf) + len(rf))
                 for i, d in enumerate(batch):
                     axes[i] = s.axes[d]
                 for i, d in enumerate(free):
-                    axes[len(lb) + n_free_before + i] = s.axes[d]
-                new = _Src(tuple(axes), s.stacked)
-                old = srcs.get(leaf)
-                if old is not None:
-                    new = _Src(
-                        tuple(a | b for a, b in zip(old.axes, new.axes, strict=True)),
-                        old.stacked | new.stacked,
-                    )
-                srcs[leaf] = new
-        return [_Weight(srcs)]
+                    axes[len(lb) + before + i] = s.axes[d]
+                gone = frozenset().union(*(s.axes[d] for d in contracted))
+                return _Src(tuple(axes), s.stacked, s.mixed | (gone & self.big[leaf]))
+
+            parts.append(self.structural(value, fn))
+        return [_merge(parts, len(lb) + len(lf) + len(rf))]
 
     def p_conv_general_dilated(self, eqn, ins):
         lhs, rhs = ins
         if isinstance(lhs, _Weight) or not isinstance(rhs, _Weight):
             return self.unsupported(eqn, ins)
         if lhs is CONST:
-            return self.unsupported(eqn, ins)
+            self.use(rhs, lambda leaf, src: _Use("constant", "conv"))
+            return [CONST]
         rhs_spec = eqn.params["dimension_numbers"].rhs_spec
-        self.contract(rhs, tuple(rhs_spec[1:]), "conv")
-        return [DATA]
+        tokens = self.contract(rhs, tuple(rhs_spec[1:]), "conv")
+        ancestors = lhs.tokens | lhs.ancestors
+        return [_Data(tokens, ancestors) if tokens or ancestors else DATA]
 
     # -- control flow -------------------------------------------------------------
 
     def join(self, a: Any, b: Any) -> Any:
         if a is CONST:
             return b
-        if b is CONST:
+        if b is CONST or a == b:
             return a
-        if a is ONEHOT and b is ONEHOT:
-            return ONEHOT
-        if _is_data(a) or _is_data(b):
-            return DATA
-        return _merge([a, b], len(next(iter(a.srcs.values())).axes))
+        if isinstance(a, _Data) or isinstance(b, _Data):
+            tokens = ancestors = _EMPTY
+            onehot = True
+            for x in (a, b):
+                if isinstance(x, _Data):
+                    tokens |= x.tokens
+                    ancestors |= x.ancestors
+                    onehot &= x.onehot
+                else:
+                    onehot = False
+            return _Data(tokens, ancestors, onehot)
+        return _merge([a, b], len(next(iter(a.srcs.values())).axes) if a.srcs else 0)
 
     def fixpoint(
-        self,
-        step: Callable[[list[Any]], list[Any]],
-        carry: list[Any],
-    ) -> list[Any]:
-        """Joins the loop carry with the body's output until it stops changing."""
-        recording, self.recording = self.recording, False
+        self, step: Callable[[list[Any]], list[Any]], init: list[Any]
+    ) -> tuple[list[Any], list[Any]]:
+        """Runs a loop body until its carry stops changing.
+
+        Returns the carry and the body's outputs for it. The uses of the last
+        run (the one that saw the final carry) are the loop's.
+        """
+        outer, carry = self.uses, list(init)
         try:
             for _ in range(32):
-                out = step(carry)
-                new = [self.join(c, o) for c, o in zip(carry, out, strict=True)]
-                if new == carry:
-                    break
+                self.uses = {}
+                fed = [_earlier(c) for c in carry]
+                out = step(fed)
+                new = [self.join(c, o) for c, o in zip(fed, out, strict=False)]
+                new = [_earlier(c) for c in new]
+                if new == fed:
+                    if self.recording:
+                        for leaf, counts in self.uses.items():
+                            mine = outer.setdefault(leaf, {})
+                            for u, n in counts.items():
+                                mine[u] = mine.get(u, 0) + n
+                    return fed, out
                 carry = new
-            else:  # pragma: no cover - the lattice has finite height
-                carry = [DATA if c is not CONST else c for c in carry]
+            raise AssertionError("loop analysis did not converge")  # pragma: no cover
         finally:
-            self.recording = recording
-        return carry
+            self.uses = outer
 
     def mix_carry(self, inits, outs, fixed) -> None:
-        for init, out, f in zip(inits, outs, fixed, strict=True):
-            if _is_data(f):
+        for init, out, f in zip(inits, outs, fixed, strict=False):
+            if isinstance(f, _Data):
                 self.mix([init, out], "loop carry")
 
     def p_scan(self, eqn, ins):
         p = eqn.params
         nc, nk = p["num_consts"], p["num_carry"]
         consts, init, xs = ins[:nc], ins[nc : nc + nk], ins[nc + nk :]
-
-        def slice_x(x: Any) -> Any:
-            return self.structural(x, lambda s: _drop_axes(s, (0,), stack=True))
-
-        xs = [slice_x(x) for x in xs]
+        sliced: dict[int, frozenset] = {}
+        for x in xs:
+            if isinstance(x, _Weight):
+                for leaf, s in x.srcs.items():
+                    sliced[leaf] = sliced.get(leaf, _EMPTY) | s.axes[0]
+        xs = [
+            self.structural(x, lambda leaf, s: self.drop(leaf, s, (0,), id(eqn)))
+            for x in xs
+        ]
 
         def step(carry: list[Any]) -> list[Any]:
-            return self.run(p["jaxpr"], consts + carry + xs)[:nk]
+            return self.run(p["jaxpr"], consts + carry + xs)
 
-        carry = self.fixpoint(step, list(init))
-        outs = self.run(p["jaxpr"], consts + carry + xs)
+        carry, outs = self.fixpoint(step, list(init))
         self.mix_carry(init, outs[:nk], carry)
-        ys = [
-            self.structural(y, lambda s: _Src((frozenset(),) + s.axes, s.stacked))
-            for y in outs[nk:]
-        ]
-        return carry + ys
+
+        def stack(leaf, s):  # ys: the sliced axes come back as the leading axis
+            lead = sliced.get(leaf, _EMPTY)
+            stacked = frozenset(q for q in s.stacked if q[1] != id(eqn))
+            return _Src((lead,) + s.axes, stacked, s.mixed)
+
+        return carry + [self.structural(y, stack) for y in outs[nk:]]
 
     def p_while(self, eqn, ins):
         p = eqn.params
@@ -534,11 +825,10 @@ class _Interpreter:
         cconsts, bconsts, init = ins[:cn], ins[cn : cn + bn], ins[cn + bn :]
 
         def step(carry: list[Any]) -> list[Any]:
+            self.run(p["cond_jaxpr"], cconsts + carry)
             return self.run(p["body_jaxpr"], bconsts + carry)
 
-        carry = self.fixpoint(step, list(init))
-        outs = self.run(p["body_jaxpr"], bconsts + carry)
-        self.run(p["cond_jaxpr"], cconsts + carry)
+        carry, outs = self.fixpoint(step, list(init))
         self.mix_carry(init, outs, carry)
         return carry
 
@@ -552,7 +842,7 @@ class _Interpreter:
             joined = values[0]
             for v in values[1:]:
                 joined = self.join(joined, v)
-            if _is_data(joined):
+            if isinstance(joined, _Data):
                 self.mix(values, "cond")
             outs.append(joined)
         return outs
@@ -560,11 +850,23 @@ class _Interpreter:
 
 def _decide(uses: dict[_Use, int], shape: tuple[int, ...]) -> tuple[Any, str]:
     """A leaf's output axes (or ``None``) and the reason, from its uses."""
-    if not uses:
-        return None, "not used with data"
     by_kind: dict[str, list[_Use]] = {}
     for u in uses:
         by_kind.setdefault(u.kind, []).append(u)
+    constant = "constant" in by_kind
+    hint = (
+        "; contracted with constants only (closed-over inputs? pass them as arguments)"
+        if constant
+        else ""
+    )
+    if not set(by_kind) - {"constant", "summed"}:
+        if constant:
+            return (
+                None,
+                "contracted with constants only (closed-over inputs? pass "
+                "them as arguments)",
+            )
+        return None, "not used with data"
     if "unsupported" in by_kind:
         names = sorted({u.what for u in by_kind["unsupported"]})
         return None, f"unsupported op: {', '.join(names)}"
@@ -577,26 +879,36 @@ def _decide(uses: dict[_Use, int], shape: tuple[int, ...]) -> tuple[Any, str]:
         return None, "lookup"
     if not contracts:
         names = sorted({u.what for u in by_kind["elementwise"]})
-        return None, f"elementwise only ({', '.join(names)})"
+        return None, f"elementwise only ({', '.join(names)}){hint}"
+    summed = frozenset().union(*(u.sids for u in by_kind.get("summed", ())))
     big = frozenset(a for a in range(len(shape)) if shape[a] != 1)
+    fans, stacked, summed_axes = [], set(), set()
+    for u in contracts:
+        adds = {a for a, sid in u.stacked if sid in summed}
+        summed_axes |= adds
+        stacked |= {a for a, sid in u.stacked if sid not in summed}
+        fans.append(u.fan_in | adds)
     ops = sorted({u.what for u in contracts})
-    fans = {u.fan_in & big for u in contracts}
-    if len(fans) > 1 or "elementwise" in by_kind:
-        described = sorted({_describe_use(u.what, u.fan_in) for u in contracts})
+    if len({f & big for f in fans}) > 1 or "elementwise" in by_kind:
+        described = sorted(
+            {_describe_use(u.what, f) for u, f in zip(contracts, fans, strict=True)}
+        )
         if "elementwise" in by_kind:
             names = sorted({u.what for u in by_kind["elementwise"]})
             described.append(f"elementwise ({', '.join(names)})")
         return None, "uses disagree: " + "; ".join(described)
-    fan_in = frozenset().union(*(u.fan_in for u in contracts))
+    fan_in = frozenset().union(*fans)
     if not fan_in:
         return None, f"{' and '.join(ops)}: no axis contracted"
     reason = _describe_use(" and ".join(ops), fan_in)
     count = sum(uses[u] for u in contracts)
     if count > 1:
         reason += f" ({count} uses)"
-    stacked = frozenset().union(*(u.stacked for u in contracts))
-    if stacked:
-        reason += f"; stacked {_describe(stacked)} kept"
+    if summed_axes:
+        summed_ = _describe(frozenset(summed_axes))
+        reason += f"; the outputs of its slices along {summed_} are summed"
+    if stacked - summed_axes:
+        reason += f"; stacked {_describe(frozenset(stacked - summed_axes))} kept"
     kept = tuple(a for a in range(len(shape)) if a not in fan_in)
     if not kept:
         return None, f"{reason}: every axis contracted, no output axis"
@@ -679,20 +991,30 @@ def infer_output_axes(
     * ``conv_general_dilated`` (incl. transposed, grouped, depthwise): the
       kernel's in-feature and spatial dimensions are the fan-in, its
       out-feature dimension is kept.
-    * a gather or dynamic slice with data-dependent indices: a lookup; the
-      leaf is left untouched (embedding tables).
+    * a gather or dynamic slice with data-dependent indices, or a matmul with
+      a one-hot of data (``one_hot(ids) @ table``): a lookup; the leaf is
+      left untouched (embedding tables).
     * only elementwise with data (biases, norm scales of any rank, position
       embeddings): untouched.
 
     Axes sliced off by ``scan`` (stacked layers), by a loop indexing a stack
-    with its counter, or mapped by ``vmap``, are kept: GC never averages
-    across a stack or an ensemble. Uses that agree decide together; a lookup
-    together with a matmul (tied embeddings), uses that disagree, an op the
+    with its counter or by a static index, or mapped by ``vmap``, are kept:
+    GC never averages across a stack or an ensemble. The exception is a stack
+    whose slices' outputs are added into the same units, none depending on
+    another's output (a convolution written as shifted matmuls over a
+    ``(taps, in, out)`` kernel, or a scan accumulating them): the stacked
+    axis is then part of the fan-in, as in the convolution it computes.
+    Successive layers on a residual stream stay a stack. Uses that agree
+    decide together; a lookup together with a matmul (tied embeddings), uses
+    that disagree, a weight whose output units were mixed before its use
+    (``cumsum`` or ``softmax`` across units, a global norm), an op the
     analysis does not understand, or a parameter never used with data leave
     the leaf untouched. Calls (``jit``, ``custom_jvp``, ``custom_vjp``,
     ``checkpoint``, ``shard_map``) and control flow (``scan``, ``while``,
-    ``cond``) are followed into their bodies. Inputs closed over by ``fn``
-    count as constants: pass data as ``args``.
+    ``cond``) are followed into their bodies; reshapes, transposes,
+    concatenations and splits of parameters (``ravel_pytree``) are followed
+    axis by axis. Inputs closed over by ``fn`` count as constants: pass data
+    as ``args``.
 
     Every decision carries its reason; print them with
     :func:`optax_gc.explain`. The decisions are made once, here: using the
@@ -768,7 +1090,7 @@ def infer_output_axes(
     shapes = [tuple(np.shape(leaves[i])) for i in traced]
     interp = _Interpreter(shapes)
     inputs: list[Any] = [
-        _Weight({k: _Src(tuple(frozenset({a}) for a in range(len(s))), frozenset())})
+        _Weight({k: _Src(tuple(frozenset({a}) for a in range(len(s))))})
         for k, s in enumerate(shapes)
     ] + [DATA] * len(arg_traced)
     interp.run(closed, inputs)
@@ -779,7 +1101,7 @@ def infer_output_axes(
     for i, name in enumerate(paths):
         if i in position:
             k = position[i]
-            decision = _decide(interp.uses[k], shapes[k])
+            decision = _decide(interp.uses.get(k, {}), shapes[k])
             shape = shapes[k]
         else:
             decision, shape = (None, "not an array"), None

@@ -305,7 +305,10 @@ def test_static_arguments_keys_and_abstract_params():
 def test_closed_over_data_is_a_constant():
     x = jnp.ones((5, 3))
     rule = optax_gc.infer_output_axes(lambda p: x @ p["w"], {"w": jnp.ones((3, 2))})
-    assert rule.decisions["w"] == (None, "not used with data")
+    assert rule.decisions["w"] == (
+        None,
+        "contracted with constants only (closed-over inputs? pass them as arguments)",
+    )
 
 
 def test_nothing_runs_on_data():
@@ -411,3 +414,139 @@ def test_bad_input(fn, params, match):
 def test_repr():
     rule = optax_gc.infer_output_axes(_model, PARAMS, X)
     assert repr(rule) == "InferredAxes(3 leaves, 2 with output axes)"
+
+
+# -- found by an adversarial pass ---------------------------------------------------
+
+
+def _taps_conv(w, x):  # the oracle: a VALID 1-D convolution, kernel (K, in, out)
+    return jax.lax.conv_general_dilated(
+        x, w, (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC")
+    )
+
+
+def _taps_loop(w, x):  # the same convolution as shifted matmuls, summed
+    t = x.shape[1] - w.shape[0] + 1
+    return sum(x[:, k : k + t] @ w[k] for k in range(w.shape[0]))
+
+
+def _taps_scan(w, x):  # ... and as a scan that accumulates into its carry
+    t = x.shape[1] - w.shape[0] + 1
+    shifted = jnp.stack([x[:, k : k + t] for k in range(w.shape[0])])
+    init = jnp.zeros((x.shape[0], t, w.shape[2]))
+    y, _ = jax.lax.scan(lambda y, xw: (y + xw[0] @ xw[1], None), init, (shifted, w))
+    return y
+
+
+@pytest.mark.parametrize("taps", [_taps_conv, _taps_loop, _taps_scan])
+def test_slices_whose_outputs_are_summed_are_one_fan_in(taps):
+    w = jax.random.normal(jax.random.key(0), (3, 4, 5))
+    x = jax.random.normal(jax.random.key(1), (2, 9, 4))
+    np.testing.assert_allclose(taps(w, x), _taps_conv(w, x), rtol=1e-5, atol=1e-5)
+    rule = optax_gc.infer_output_axes(lambda p, x: taps(p["w"], x), {"w": w}, x)
+    assert axes_of(rule) == {"w": (2,)}  # each output unit sums over taps and in
+    if taps is not _taps_conv:
+        assert why(rule, "w").endswith(
+            "; the outputs of its slices along axis 0 are summed"
+        )
+
+
+def _residual_loop(p, x):  # successive layers on a residual stream: a stack
+    for i in range(3):
+        x = x + jnp.tanh(x @ p["w"][i]) @ p["v"][i]
+    return x
+
+
+def _residual_scan(p, x):
+    def layer(x, wv):
+        return x + jnp.tanh(x @ wv[0]) @ wv[1], None
+
+    return jax.lax.scan(layer, x, (p["w"], p["v"]))[0]
+
+
+@pytest.mark.parametrize("model", [_residual_loop, _residual_scan])
+def test_a_residual_stream_is_not_a_sum_over_one_unit(model):
+    params = {"w": jnp.zeros((3, 3, 6)), "v": jnp.zeros((3, 6, 3))}
+    rule = optax_gc.infer_output_axes(model, params, X)
+    assert axes_of(rule) == {"w": (0, 2), "v": (0, 2)}
+    assert why(rule, "v").endswith("; stacked axis 0 kept")
+
+
+def test_a_gather_of_several_entries_carries_the_gathered_axis():
+    index = np.array([0, 2, 2, 1])
+
+    def fn(p, x3, x):
+        y = jnp.einsum("bni,nio->bo", x3, p["w"][index])  # (4, 4, 5) from (3, 4, 5)
+        return y, x @ p["v"][np.array([2, 0, 1])]  # rows permuted, then contracted
+
+    params = {"w": jnp.zeros((3, 4, 5)), "v": jnp.zeros((3, 4))}
+    rule = optax_gc.infer_output_axes(fn, params, jnp.zeros((2, 4, 4)), X)
+    assert axes_of(rule) == {"w": (2,), "v": (1,)}
+
+
+def test_lax_map_and_vmap_over_a_stack_agree():
+    def fn(p, x, mapper):
+        wo = mapper(lambda w: 2.0 * w, p["wo"])  # per-head, (H, D, O)
+        return jnp.einsum("bhd,hdo->bo", x, wo)
+
+    mappers = {"vmap": lambda f, w: jax.vmap(f)(w), "map": jax.lax.map}
+    for name, mapper in mappers.items():
+        rule = optax_gc.infer_output_axes(
+            lambda p, x, m=mapper: fn(p, x, m),
+            {"wo": jnp.zeros((3, 4, 5))},
+            jnp.zeros((2, 3, 4)),
+        )
+        assert axes_of(rule) == {"wo": (2,)}, name
+
+
+@pytest.mark.parametrize(
+    "mixing",
+    [
+        lambda w: jnp.cumsum(w, axis=1),
+        lambda w: jax.nn.softmax(w, axis=1),
+        lambda w: w - w[:, :1],
+        lambda w: w - w.mean(1, keepdims=True),
+        lambda w: w / jnp.linalg.norm(w),
+    ],
+    ids=["cumsum", "softmax", "minus-unit-0", "minus-mean-over-units", "global-norm"],
+)
+def test_mixing_output_units_leaves_the_leaf_alone(mixing):
+    # Each output unit then depends on every unit's weights: no per-unit fan-in.
+    rule = optax_gc.infer_output_axes(
+        lambda p, x: x @ mixing(p["w"]), {"w": jnp.ones((3, 6))}, X
+    )
+    assert rule.decisions["w"] == (
+        None,
+        "axis 1 mixed across its entries before dot_general",
+    )
+
+
+def test_per_unit_mixing_of_the_fan_in_is_fine():
+    def fn(p, x):  # weight standardization per output unit, over the fan-in
+        w = p["w"]
+        w = (w - w.mean(0, keepdims=True)) / w.std(0, keepdims=True)
+        return x @ w
+
+    rule = optax_gc.infer_output_axes(fn, {"w": jnp.ones((3, 6))}, X)
+    assert rule.decisions["w"] == ((1,), "dot_general contracts axis 0")
+
+
+def test_concatenated_and_raveled_parameters_keep_their_own_axes():
+    from jax.flatten_util import ravel_pytree
+
+    params = {"a": jnp.zeros((3, 4)), "b": jnp.zeros((4, 2)), "c": jnp.zeros((2, 5))}
+    _, unravel = ravel_pytree(params)
+
+    def raveled(p, x):
+        q = unravel(ravel_pytree(p)[0])
+        return x @ q["a"] @ q["b"]
+
+    def concatenated(p, x):
+        ab = jnp.concatenate([p["a"].T, p["b"]], axis=0)  # (8, 3) then (8, 2)...
+        return (x @ ab[:4].T) @ p["b"], ab[4:]
+
+    rule = optax_gc.infer_output_axes(raveled, params, X)
+    assert axes_of(rule) == {"a": (1,), "b": (1,), "c": None}
+    params2 = {"a": jnp.zeros((3, 4)), "b": jnp.zeros((4, 3))}
+    rule = optax_gc.infer_output_axes(concatenated, params2, X)
+    assert axes_of(rule) == {"a": (1,), "b": (1,)}
