@@ -60,6 +60,11 @@ def leaf_where(where: str, path: jax.tree_util.KeyPath) -> str:
     return f'{where} at leaf "{path_str(path)}"'
 
 
+def dtype_name(dtype: Any) -> str:
+    """``float32``, ``int8``, ``key<fry>``: any leaf dtype, PRNG keys included."""
+    return getattr(dtype, "name", str(dtype))
+
+
 def is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
@@ -195,7 +200,7 @@ def make_leaf_rule(output_axes: OutputAxes, conv_only: bool, where: str) -> Leaf
         if ndim is None or dtype is None:
             return LeafDecision(None, "not an array")
         if not jnp.issubdtype(dtype, jnp.inexact):
-            return LeafDecision(None, f"not floating ({jnp.dtype(dtype).name})")
+            return LeafDecision(None, f"not floating ({dtype_name(dtype)})")
         if ndim < min_ndim:
             return LeafDecision(None, f"ndim < {min_ndim}")
         shape = tuple(g.shape) if shape is None else tuple(shape)

@@ -13,6 +13,7 @@ import optax
 from optax_gc._axes import (
     DEFAULT_OUTPUT_AXES,
     OutputAxes,
+    dtype_name,
     fan_in_size,
     make_leaf_rule,
     map_leaves,
@@ -252,7 +253,7 @@ def explain(
         if shape is None or dtype is None:
             shape = dtype = None
         else:
-            shape, dtype = tuple(shape), jnp.dtype(dtype).name
+            shape, dtype = tuple(shape), dtype_name(dtype)
         kept = decision.axes
         m = n = None
         if kept is not None and shape is not None:

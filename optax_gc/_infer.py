@@ -42,9 +42,11 @@ class _Src(NamedTuple):
     """How a weight-derived value relates to one parameter leaf."""
 
     axes: _Axes  # per axis of the value, the parameter axes it carries
-    stacked: frozenset = _EMPTY  # (parameter axis, slice id): sliced off
+    stacked: frozenset = _EMPTY  # (parameter axis, index or kind): sliced off
     mixed: frozenset = _EMPTY  # parameter axes whose entries were combined
     span: tuple | None = None  # (value axis, start, stop) after a concatenate
+    partial: frozenset = _EMPTY  # parameter axes of which only a part is used
+    picked: frozenset = _EMPTY  # (parameter axis, index): a static single entry
 
 
 class _Weight:
@@ -75,9 +77,11 @@ CONST = _Kind("CONST")
 class _Data(NamedTuple):
     """A data value.
 
-    ``tokens``: ``(leaf, slice id, earlier)`` for each use of a stack slice
-    whose output this value is a linear function of (``earlier``: from an
-    earlier iteration of a loop); ``ancestors``: every such token upstream;
+    ``tokens``: ``(leaf, axis, index, earlier)`` for each use of a stack
+    slice whose output this value is a linear function of: the slice is entry
+    ``index`` of the parameter's ``axis`` (an int for a static index, else
+    the kind of slicing, e.g. ``"scan"``); ``earlier``: it comes from an
+    earlier iteration of a loop. ``ancestors``: every such token upstream;
     ``onehot``: an indicator ``ids == arange(n)``, cast or reshaped.
     """
 
@@ -103,7 +107,8 @@ _ONEHOT_KEEPS = frozenset(
 _LINEAR = frozenset(
     """add sub add_any neg convert_element_type reshape transpose
     broadcast_in_dim squeeze slice pad concatenate rev reduce_sum copy copy_p
-    cumsum dynamic_slice dynamic_update_slice gather split sharding_constraint
+    cumsum dynamic_slice dynamic_update_slice gather split stack tile
+    sharding_constraint
     reduce_precision psum real imag conj pvary mesh_cast reshard""".split()
 )
 """Data ops through which a value stays a linear function of its inputs."""
@@ -118,7 +123,7 @@ class _Use(NamedTuple):
     what: str  # primitive (contract, elementwise, unsupported) or the detail
     fan_in: frozenset = _EMPTY
     stacked: frozenset = _EMPTY  # (axis, slice id)
-    sids: frozenset = _EMPTY  # "summed": slice ids whose outputs are added
+    sids: frozenset = _EMPTY  # "summed": the stacked axes whose slices are added
 
 
 def _stacked_axes(stacked: frozenset) -> frozenset:
@@ -147,6 +152,8 @@ def _merge(values: Sequence[Any], rank: int) -> _Weight:
                     old.stacked | src.stacked,
                     old.mixed | src.mixed,
                     old.span if old.span == src.span else None,
+                    old.partial | src.partial,
+                    old.picked | src.picked,
                 )
             srcs[leaf] = src
     return _Weight(srcs)
@@ -221,7 +228,7 @@ def _earlier(x: Any) -> Any:
         return x
 
     def mark(tokens: frozenset) -> frozenset:
-        return frozenset((leaf, sid, True) for leaf, sid, _ in tokens)
+        return frozenset((leaf, a, index, True) for leaf, a, index, _ in tokens)
 
     return _Data(mark(x.tokens), mark(x.ancestors), x.onehot)
 
@@ -233,17 +240,15 @@ class _Interpreter:
         self.shapes = shapes
         self.big = [frozenset(a for a, n in enumerate(s) if n != 1) for s in shapes]
         self.uses: dict[int, dict[_Use, int]] = {}
-        self.recording = True
 
     # -- bookkeeping -----------------------------------------------------------
 
     def record(self, leaf: int, use: _Use) -> None:
-        if self.recording:
-            counts = self.uses.setdefault(leaf, {})
-            counts[use] = counts.get(use, 0) + 1
+        counts = self.uses.setdefault(leaf, {})
+        counts[use] = counts.get(use, 0) + 1
 
     def use(self, value: Any, use: Callable[[int, _Src], _Use]) -> None:
-        if self.recording and isinstance(value, _Weight):
+        if isinstance(value, _Weight):
             for leaf, src in value.srcs.items():
                 self.record(leaf, use(leaf, src))
 
@@ -283,14 +288,15 @@ class _Interpreter:
             lost = big - fan - kept
             if lost:
                 return _Use("conflict", f"{_describe(lost)} reduced before {what}")
-            tokens.update((leaf, sid, False) for _, sid in stacked)
+            part = src.partial & fan & big
+            if part:
+                return _Use("conflict", f"{_describe(part)} only partly used by {what}")
+            tokens.update((leaf, a, index, False) for a, index in stacked)
             return _Use("contract", what, fan - kept, stacked)
 
         if isinstance(value, _Weight):
             for leaf, src in value.srcs.items():
-                u = use(leaf, src)
-                if self.recording:
-                    self.record(leaf, u)
+                self.record(leaf, use(leaf, src))
         return frozenset(tokens)
 
     # -- evaluation ------------------------------------------------------------
@@ -319,15 +325,17 @@ class _Interpreter:
         name = eqn.primitive.name
         n_out = len(eqn.outvars)
         data = [x for x in ins if isinstance(x, _Data)]
-        plain = all(x is DATA for x in data)
+        plain = all(x == DATA for x in data)
         if name == "eq" and plain and CONST in ins:
             # ids == arange(n): the constant adds the class axis (ids == 0 does not)
-            operand = eqn.invars[0] if ins[0] is DATA else eqn.invars[1]
+            operand = eqn.invars[0] if ins[0] == DATA else eqn.invars[1]
             size = math.prod(eqn.outvars[0].aval.shape)
             if size > math.prod(operand.aval.shape):
                 return [ONEHOT]
-        if name in _ONEHOT_KEEPS and ins[0] is ONEHOT:
+        if name in _ONEHOT_KEEPS and isinstance(ins[0], _Data) and ins[0].onehot:
             return [ONEHOT]
+        if name == "cond":  # a one-hot built in a branch stays one
+            return self.p_cond(eqn, ins)
         sub = _sub_jaxpr(eqn)  # e.g. jax.nn.one_hot is a jitted function
         if sub is not None:
             return self.run(sub, ins)
@@ -347,17 +355,27 @@ class _Interpreter:
         return [_Data(tokens, ancestors)] * n_out
 
     def check_sum(self, a: _Data, b: _Data) -> None:
-        """Outputs of different slices of one stack added: the slices are fan-in.
+        """Outputs of different slices of one stack added into the same units.
 
-        Unless one's input depends on the other's output: then they are
-        successive layers (a residual stream), not one unit's fan-in.
+        Then the stack is not a stack of independent layers (a convolution
+        written as shifted matmuls over a ``(taps, in, out)`` kernel), and the
+        leaf is left alone. Not when one's input depends on the other's output
+        (successive layers on a residual stream), nor for the same slice (the
+        same model applied twice); the same slice from an earlier loop
+        iteration counts only for slices taken per iteration (not an int
+        index).
         """
-        for t in a.tokens:
-            for u in b.tokens:
-                if t[0] == u[0] and t != u and t not in b.ancestors:
-                    if u not in a.ancestors:
-                        sids = frozenset({t[1], u[1]})
-                        self.record(t[0], _Use("summed", "", sids=sids))
+        mine = a.tokens - b.tokens - b.ancestors
+        theirs = b.tokens - a.tokens - a.ancestors
+        if not mine or not theirs:
+            return
+        by_axis: dict[tuple, list] = {}
+        for u in theirs:
+            by_axis.setdefault(u[:2], []).append(u[2])
+        for t in mine:
+            for index in by_axis.get(t[:2], ()):
+                if index != t[2] or isinstance(index, str):
+                    self.record(t[0], _Use("summed", "", sids=frozenset({t[1]})))
 
     def eqn(self, eqn: Any, ins: list[Any]) -> list[Any]:
         name = eqn.primitive.name
@@ -412,7 +430,9 @@ class _Interpreter:
     def unsupported(self, eqn, ins):
         for x in ins:
             self.use(x, lambda leaf, src: _Use("unsupported", eqn.primitive.name))
-        return [DATA] * len(eqn.outvars)
+        data = [x for x in ins if isinstance(x, _Data)]
+        ancestors = frozenset().union(*(x.tokens | x.ancestors for x in data))
+        return [_Data(_EMPTY, ancestors) if ancestors else DATA] * len(eqn.outvars)
 
     # -- structural primitives (one weight-derived operand) --------------------
 
@@ -424,10 +444,11 @@ class _Interpreter:
             new = fn(leaf, src)
             if new is not None:
                 srcs[leaf] = new
-        return _Weight(srcs)
+        return _Weight(srcs) if srcs else CONST
 
-    def drop(self, leaf: int, src: _Src, dims: Sequence[int], sid: Any) -> _Src:
-        """Removes value axes ``dims``: sliced off (``sid``) or reduced (None)."""
+    def drop(self, leaf: int, src: _Src, dims: Sequence[int], kind: Any) -> _Src:
+        """Removes value axes ``dims``: sliced off (by ``kind`` of index, or the
+        static index picked before) or reduced (``kind=None``)."""
         gone = frozenset().union(*(src.axes[d] for d in dims)) & self.big[leaf]
         axes = tuple(a for d, a in enumerate(src.axes) if d not in dims)
         span = src.span
@@ -437,9 +458,17 @@ class _Interpreter:
                 if span[0] in dims
                 else (span[0] - sum(d < span[0] for d in dims),) + span[1:]
             )
-        if sid is None:
-            return _Src(axes, src.stacked, src.mixed | gone, span)
-        return _Src(axes, src.stacked | {(a, sid) for a in gone}, src.mixed, span)
+        if kind is None:
+            return src._replace(axes=axes, mixed=src.mixed | gone, span=span)
+        return src._replace(
+            axes=axes, stacked=src.stacked | self.slices(src, gone, kind), span=span
+        )
+
+    def slices(self, src: _Src, axes: frozenset, kind: str) -> frozenset:
+        """``(axis, index)`` of parameter axes sliced off: the static index if
+        one entry was picked, else the kind of slicing."""
+        picked = dict(src.picked)
+        return frozenset((a, picked.get(a, kind)) for a in axes)
 
     def p_transpose(self, eqn, ins):
         perm = eqn.params["permutation"]
@@ -453,15 +482,24 @@ class _Interpreter:
     def p_rev(self, eqn, ins):
         return [self.structural(ins[0], lambda leaf, s: s._replace(span=None))]
 
-    def narrow(self, x: Any, dim: int, start: int, stop: int) -> Any:
-        """A part ``[start, stop)`` of axis ``dim``: only the sources in it."""
+    def narrow(self, x: Any, dim: int, start: int, stop: int, size: int) -> Any:
+        """A part ``[start, stop)`` of axis ``dim`` (of ``size``): only the
+        sources in it, and those cut short are marked partly used."""
 
         def fn(leaf, s):
+            cut = s.axes[dim] & self.big[leaf]
+            if stop - start == 1:
+                offset = s.span[1] if s.span is not None and s.span[0] == dim else 0
+                s = s._replace(picked=s.picked | {(a, start - offset) for a in cut})
             if s.span is None or s.span[0] != dim:
+                if stop - start < size:
+                    s = s._replace(partial=s.partial | cut)
                 return s
             lo, hi = max(s.span[1], start), min(s.span[2], stop)
             if lo >= hi:
                 return None
+            if hi - lo < s.span[2] - s.span[1]:
+                s = s._replace(partial=s.partial | cut)
             return s._replace(span=(dim, lo - start, hi - start))
 
         return self.structural(x, fn)
@@ -473,10 +511,16 @@ class _Interpreter:
         for d, (lo, hi, st) in enumerate(
             zip(p["start_indices"], p["limit_indices"], strides, strict=True)
         ):
+            size = eqn.invars[0].aval.shape[d]
             if st == 1:
-                x = self.narrow(x, d, lo, hi)
+                x = self.narrow(x, d, lo, hi, size)
             else:
-                x = self.structural(x, lambda leaf, s: s._replace(span=None))
+
+                def fn(leaf, s, d=d):
+                    cut = s.axes[d] & self.big[leaf]
+                    return s._replace(span=None, partial=s.partial | cut)
+
+                x = self.structural(x, fn)
         return [x]
 
     def p_split(self, eqn, ins):
@@ -492,19 +536,21 @@ class _Interpreter:
         parts: list[dict[int, _Src]] = [{} for _ in bounds]
         starts = [lo for lo, _ in bounds]
         for leaf, src in x.srcs.items():
+            cut = src._replace(partial=src.partial | (src.axes[axis] & self.big[leaf]))
             if src.span is None or src.span[0] != axis:
                 for part in parts:
-                    part[leaf] = src
+                    part[leaf] = cut if len(parts) > 1 else src
                 continue
             _, lo, hi = src.span
             i = max(bisect.bisect_right(starts, lo) - 1, 0)
             while i < len(bounds) and bounds[i][0] < hi:
                 b_lo, b_hi = bounds[i]
-                if max(lo, b_lo) < min(hi, b_hi):
-                    span = (axis, max(lo, b_lo) - b_lo, min(hi, b_hi) - b_lo)
-                    parts[i][leaf] = src._replace(span=span)
+                a, b = max(lo, b_lo), min(hi, b_hi)
+                if a < b:
+                    whole = src if b - a == hi - lo else cut
+                    parts[i][leaf] = whole._replace(span=(axis, a - b_lo, b - b_lo))
                 i += 1
-        return [_Weight(part) for part in parts]
+        return [_Weight(part) if part else CONST for part in parts]
 
     def p_cumsum(self, eqn, ins):
         axis = eqn.params["axis"]
@@ -519,7 +565,7 @@ class _Interpreter:
     def p_squeeze(self, eqn, ins):
         dims = eqn.params["dimensions"]
         return [
-            self.structural(ins[0], lambda leaf, s: self.drop(leaf, s, dims, id(eqn)))
+            self.structural(ins[0], lambda leaf, s: self.drop(leaf, s, dims, "index"))
         ]
 
     def p_reshape(self, eqn, ins):
@@ -535,11 +581,17 @@ class _Interpreter:
                 return s._replace(axes=view, span=None)
             if groups is None:
                 every = frozenset().union(*s.axes) if s.axes else _EMPTY
-                return _Src((every,) * len(new), s.stacked, s.mixed | every)
+                return s._replace(
+                    axes=(every,) * len(new), mixed=s.mixed | every, span=None
+                )
             gone = [d for d, size in enumerate(old) if size == 1 and s.axes[d]]
-            s = self.drop(leaf, s, (), None)._replace(
+            s = s._replace(
                 stacked=s.stacked
-                | {(a, id(eqn)) for d in gone for a in s.axes[d] & self.big[leaf]},
+                | self.slices(
+                    s,
+                    frozenset().union(*(s.axes[d] for d in gone)) & self.big[leaf],
+                    "index",
+                ),
                 span=None,
             )
             axes = tuple(frozenset().union(*(s.axes[i] for i in g)) for g in groups)
@@ -575,7 +627,7 @@ class _Interpreter:
                 if old[i] == 1 and shape[d] != 1:  # one entry copied to all
                     mixed |= s.axes[i] & self.big[leaf]
             span = s.span and (dims[s.span[0]],) + s.span[1:]
-            return _Src(tuple(axes), s.stacked, mixed, span)
+            return s._replace(axes=tuple(axes), mixed=mixed, span=span)
 
         return [self.structural(ins[0], fn)]
 
@@ -605,6 +657,23 @@ class _Interpreter:
             parts.append(self.structural(x, fn))
             start = stop
         return [_merge(parts, rank)]
+
+    def p_stack(self, eqn, ins):  # jnp.stack (newer jax): a new axis, then concat
+        rank = len(eqn.outvars[0].aval.shape)
+        if any(isinstance(x, _Data) for x in ins):
+            return [self.elementwise("stack", ins, rank)]
+        axis, parts = eqn.params["axis"], []
+        for i, x in enumerate(ins):
+
+            def fn(leaf, s, i=i):
+                axes = s.axes[:axis] + (_EMPTY,) + s.axes[axis:]
+                return s._replace(axes=axes, span=(axis, i, i + 1))
+
+            parts.append(self.structural(x, fn))
+        return [_merge(parts, rank)]
+
+    def p_tile(self, eqn, ins):  # entries copied, each still its own
+        return [self.structural(ins[0], lambda leaf, s: s._replace(span=None))]
 
     def p_sort(self, eqn, ins):
         rank = len(eqn.outvars[0].aval.shape)
@@ -643,7 +712,14 @@ class _Interpreter:
             self.use(operand, lambda leaf, src: _Use("lookup", "dynamic_slice"))
             return [DATA]
         # Sliced axes become stacked where they are dropped (squeeze, reshape).
-        return [self.structural(operand, lambda leaf, s: s._replace(span=None))]
+        old = eqn.invars[0].aval.shape
+        cut = [d for d, n in enumerate(eqn.params["slice_sizes"]) if n < old[d]]
+
+        def fn(leaf, s):
+            part = frozenset().union(*(s.axes[d] for d in cut)) & self.big[leaf]
+            return s._replace(span=None, partial=s.partial | part)
+
+        return [self.structural(operand, fn)]
 
     def p_gather(self, eqn, ins):
         operand, indices = ins
@@ -670,14 +746,14 @@ class _Interpreter:
                 axes[o] = s.axes[d]
             gathered = frozenset().union(*(s.axes[d] for d in collapsed))
             stacked = s.stacked | {
-                (a, id(eqn)) for d in batching for a in s.axes[d] & self.big[leaf]
+                (a, "gather") for d in batching for a in s.axes[d] & self.big[leaf]
             }
             if positions:
                 for o in positions:
                     axes[o] = axes[o] | gathered
-                return _Src(tuple(axes), stacked, s.mixed)
-            stacked |= {(a, id(eqn)) for a in gathered & self.big[leaf]}
-            return _Src(tuple(axes), stacked, s.mixed)
+                return s._replace(axes=tuple(axes), stacked=stacked, span=None)
+            stacked |= {(a, "gather") for a in gathered & self.big[leaf]}
+            return s._replace(axes=tuple(axes), stacked=stacked, span=None)
 
         return [self.structural(operand, fn)]
 
@@ -686,7 +762,7 @@ class _Interpreter:
     def p_dot_general(self, eqn, ins):
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
         lhs, rhs = ins
-        if ONEHOT in (lhs, rhs):  # one_hot(ids) @ table: a lookup
+        if any(isinstance(x, _Data) and x.onehot for x in ins):  # one_hot @ table
             for x in (lhs, rhs):
                 self.use(x, lambda leaf, src: _Use("lookup", "one-hot dot_general"))
             return [DATA]
@@ -722,7 +798,8 @@ class _Interpreter:
                 for i, d in enumerate(free):
                     axes[len(lb) + before + i] = s.axes[d]
                 gone = frozenset().union(*(s.axes[d] for d in contracted))
-                return _Src(tuple(axes), s.stacked, s.mixed | (gone & self.big[leaf]))
+                mixed = s.mixed | (gone & self.big[leaf])
+                return s._replace(axes=tuple(axes), mixed=mixed, span=None)
 
             parts.append(self.structural(value, fn))
         return [_merge(parts, len(lb) + len(lf) + len(rf))]
@@ -776,14 +853,16 @@ class _Interpreter:
                 new = [self.join(c, o) for c, o in zip(fed, out, strict=False)]
                 new = [_earlier(c) for c in new]
                 if new == fed:
-                    if self.recording:
-                        for leaf, counts in self.uses.items():
-                            mine = outer.setdefault(leaf, {})
-                            for u, n in counts.items():
-                                mine[u] = mine.get(u, 0) + n
+                    for leaf, counts in self.uses.items():
+                        mine = outer.setdefault(leaf, {})
+                        for u, n in counts.items():
+                            mine[u] = mine.get(u, 0) + n
                     return fed, out
                 carry = new
-            raise AssertionError("loop analysis did not converge")  # pragma: no cover
+            raise RuntimeError(  # pragma: no cover - the lattice has finite height
+                "infer_output_axes: the analysis of a loop did not converge; "
+                "please report this model."
+            )
         finally:
             self.uses = outer
 
@@ -802,7 +881,7 @@ class _Interpreter:
                 for leaf, s in x.srcs.items():
                     sliced[leaf] = sliced.get(leaf, _EMPTY) | s.axes[0]
         xs = [
-            self.structural(x, lambda leaf, s: self.drop(leaf, s, (0,), id(eqn)))
+            self.structural(x, lambda leaf, s: self.drop(leaf, s, (0,), "scan"))
             for x in xs
         ]
 
@@ -814,8 +893,8 @@ class _Interpreter:
 
         def stack(leaf, s):  # ys: the sliced axes come back as the leading axis
             lead = sliced.get(leaf, _EMPTY)
-            stacked = frozenset(q for q in s.stacked if q[1] != id(eqn))
-            return _Src((lead,) + s.axes, stacked, s.mixed)
+            stacked = s.stacked - {(a, "scan") for a in lead}
+            return s._replace(axes=(lead,) + s.axes, stacked=stacked, span=None)
 
         return carry + [self.structural(y, stack) for y in outs[nk:]]
 
@@ -881,34 +960,29 @@ def _decide(uses: dict[_Use, int], shape: tuple[int, ...]) -> tuple[Any, str]:
         names = sorted({u.what for u in by_kind["elementwise"]})
         return None, f"elementwise only ({', '.join(names)}){hint}"
     summed = frozenset().union(*(u.sids for u in by_kind.get("summed", ())))
-    big = frozenset(a for a in range(len(shape)) if shape[a] != 1)
-    fans, stacked, summed_axes = [], set(), set()
-    for u in contracts:
-        adds = {a for a, sid in u.stacked if sid in summed}
-        summed_axes |= adds
-        stacked |= {a for a, sid in u.stacked if sid not in summed}
-        fans.append(u.fan_in | adds)
-    ops = sorted({u.what for u in contracts})
-    if len({f & big for f in fans}) > 1 or "elementwise" in by_kind:
-        described = sorted(
-            {_describe_use(u.what, f) for u, f in zip(contracts, fans, strict=True)}
+    if summed:
+        return None, (
+            f"the outputs of its slices along {_describe(summed)} are summed into "
+            "the same units (a convolution over a stack?), not a stack of layers"
         )
+    big = frozenset(a for a in range(len(shape)) if shape[a] != 1)
+    ops = sorted({u.what for u in contracts})
+    if len({u.fan_in & big for u in contracts}) > 1 or "elementwise" in by_kind:
+        described = sorted({_describe_use(u.what, u.fan_in) for u in contracts})
         if "elementwise" in by_kind:
             names = sorted({u.what for u in by_kind["elementwise"]})
             described.append(f"elementwise ({', '.join(names)})")
         return None, "uses disagree: " + "; ".join(described)
-    fan_in = frozenset().union(*fans)
+    fan_in = frozenset().union(*(u.fan_in for u in contracts))
     if not fan_in:
         return None, f"{' and '.join(ops)}: no axis contracted"
     reason = _describe_use(" and ".join(ops), fan_in)
     count = sum(uses[u] for u in contracts)
     if count > 1:
         reason += f" ({count} uses)"
-    if summed_axes:
-        summed_ = _describe(frozenset(summed_axes))
-        reason += f"; the outputs of its slices along {summed_} are summed"
-    if stacked - summed_axes:
-        reason += f"; stacked {_describe(frozenset(stacked - summed_axes))} kept"
+    stacked = frozenset(a for u in contracts for a, _ in u.stacked)
+    if stacked:
+        reason += f"; stacked {_describe(stacked)} kept"
     kept = tuple(a for a in range(len(shape)) if a not in fan_in)
     if not kept:
         return None, f"{reason}: every axis contracted, no output axis"
@@ -929,14 +1003,35 @@ def _is_array(x: Any) -> bool:
 class InferredAxes(AxesRule):
     """The rule :func:`optax_gc.infer_output_axes` returns; see there.
 
+    Called as ``rule(key_path, leaf)`` it returns the leaf's output axes (or
+    ``None``); pass it as ``output_axes``.
+
     Attributes:
       decisions: ``{path: (axes | None, reason)}`` for every leaf of the
-        parameters it was inferred from, paths in the ``a/b/c`` form.
+        parameters it was inferred from, paths in the ``a/b/c`` form. Two
+        leaves whose paths read the same and were decided differently are
+        ``(None, "ambiguous path")`` here, and raise when the rule meets them.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax_gc
+      >>> rule = optax_gc.infer_output_axes(
+      ...     lambda p, x: x @ p["w"].T, {"w": jnp.zeros((4, 3))}, jnp.zeros((2, 3)))
+      >>> rule
+      InferredAxes(1 leaf, 1 with output axes)
+      >>> rule.decisions["w"]
+      ((0,), 'dot_general contracts axis 1')
     """
 
-    def __init__(self, decisions: dict[str, tuple[Any, str]], shapes: dict):
+    def __init__(
+        self,
+        decisions: dict[str, tuple[Any, str]],
+        shapes: dict,
+        ambiguous: frozenset = frozenset(),
+    ):
         self.decisions = decisions
         self._shapes = shapes
+        self._ambiguous = ambiguous
 
     def decide(self, path: Any, leaf: Any) -> tuple[Any, str]:
         name = path_str(path)
@@ -944,9 +1039,14 @@ class InferredAxes(AxesRule):
             known = list(self.decisions)
             raise ValueError(
                 f'infer_output_axes: leaf "{name}" is not a leaf of the '
-                f"parameters the axes were inferred from ({len(known)} leaves, "
+                f"parameters the axes were inferred from ({_leaves(len(known))}, "
                 f"e.g. {known[:3]}). Infer from a tree with the structure of "
                 "the gradients (for Flax linen, variables['params'])."
+            )
+        if name in self._ambiguous:
+            raise ValueError(
+                f'infer_output_axes: two leaves share the path "{name}" and were '
+                "decided differently; rename one of them."
             )
         shape = self._shapes[name]
         leaf_shape = getattr(leaf, "shape", None)
@@ -955,18 +1055,20 @@ class InferredAxes(AxesRule):
                 f'infer_output_axes: leaf "{name}" has shape {tuple(leaf_shape)}, '
                 f"but the parameter it was inferred from has shape {shape}."
             )
-        axes, reason = self.decisions[name]
-        if isinstance(axes, Exception):
-            raise axes
-        return axes, reason
+        return self.decisions[name]
 
     def __repr__(self) -> str:
         touched = sum(a is not None for a, _ in self.decisions.values())
-        return f"InferredAxes({len(self.decisions)} leaves, {touched} with output axes)"
+        leaves = _leaves(len(self.decisions))
+        return f"InferredAxes({leaves}, {touched} with output axes)"
+
+
+def _leaves(n: int) -> str:
+    return f"{n} leaf" if n == 1 else f"{n} leaves"
 
 
 def infer_output_axes(
-    fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any
+    fn: Callable[..., Any], params: Any, /, *args: Any, **kwargs: Any
 ) -> InferredAxes:
     r"""Reads every parameter's output axes from the computation that uses it.
 
@@ -1059,7 +1161,7 @@ def infer_output_axes(
     """
     if not callable(fn):
         raise ValueError(f"infer_output_axes: fn must be callable, got {fn!r}.")
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)  # jax 0.4.35
     paths = [path_str(p) for p, _ in flat]
     leaves = [leaf for _, leaf in flat]
     traced = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
@@ -1067,24 +1169,27 @@ def infer_output_axes(
         raise ValueError(
             "infer_output_axes: params has no array leaf to infer axes for."
         )
-    arg_leaves, arg_tree = jax.tree_util.tree_flatten((args, kwargs))
+    arg_leaves, arg_tree = jax.tree.flatten((args, kwargs))
     arg_traced = [i for i, leaf in enumerate(arg_leaves) if _is_array(leaf)]
 
     def spec(x: Any) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
 
-    def flat_fn(param_specs: list[Any], arg_specs: list[Any]) -> Any:
+    def traced_fn(param_specs: list[Any], arg_specs: list[Any]) -> Any:
         p_leaves = list(leaves)
         for i, v in zip(traced, param_specs, strict=True):
             p_leaves[i] = v
         a_leaves = list(arg_leaves)
         for i, v in zip(arg_traced, arg_specs, strict=True):
             a_leaves[i] = v
-        a, kw = jax.tree_util.tree_unflatten(arg_tree, a_leaves)
-        out = fn(jax.tree_util.tree_unflatten(treedef, p_leaves), *a, **kw)
-        return [x for x in jax.tree_util.tree_leaves(out) if isinstance(x, jax.Array)]
+        a, kw = jax.tree.unflatten(arg_tree, a_leaves)
+        out = fn(jax.tree.unflatten(treedef, p_leaves), *a, **kw)
+        return [x for x in jax.tree.leaves(out) if isinstance(x, jax.Array)]
 
-    closed = jax.make_jaxpr(flat_fn)(
+    # Tracing errors name the user's function, not this wrapper.
+    traced_fn.__name__ = getattr(fn, "__name__", "fn")
+    traced_fn.__qualname__ = getattr(fn, "__qualname__", traced_fn.__name__)
+    closed = jax.make_jaxpr(traced_fn)(
         [spec(leaves[i]) for i in traced], [spec(arg_leaves[i]) for i in arg_traced]
     )
     shapes = [tuple(np.shape(leaves[i])) for i in traced]
@@ -1097,6 +1202,7 @@ def infer_output_axes(
 
     decisions: dict[str, tuple[Any, str]] = {}
     leaf_shapes: dict[str, Any] = {}
+    ambiguous = set()
     position = {i: k for k, i in enumerate(traced)}
     for i, name in enumerate(paths):
         if i in position:
@@ -1106,13 +1212,8 @@ def infer_output_axes(
         else:
             decision, shape = (None, "not an array"), None
         if name in decisions and decisions[name] != decision:
-            decision = (
-                ValueError(
-                    f'infer_output_axes: two leaves share the path "{name}" and '
-                    "were decided differently; rename one of them."
-                ),
-                "ambiguous path",
-            )
+            ambiguous.add(name)
+            decision = (None, "ambiguous path")
         decisions[name] = decision
         leaf_shapes[name] = shape
-    return InferredAxes(decisions, leaf_shapes)
+    return InferredAxes(decisions, leaf_shapes, frozenset(ambiguous))

@@ -184,6 +184,14 @@ def test_explain_prints_a_table_and_a_summary():
     )
 
 
+def test_explain_reads_prng_key_leaves():
+    table = optax_gc.explain({"key": jax.random.key(0), "w": jnp.zeros((3, 4))})
+    assert table["key"] == optax_gc.LeafReport(
+        "key", (), "key<fry>", None, None, None, "not floating (key<fry>)"
+    )
+    assert table.touched_leaves == 1
+
+
 def test_explain_errors_name_the_option_and_the_leaf():
     with pytest.raises(ValueError, match="explain: conv_only must be a bool"):
         optax_gc.explain({}, conv_only=1)

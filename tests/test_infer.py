@@ -395,6 +395,7 @@ def test_paths_that_collide_and_disagree_raise_when_used():
 
     params = {"a": {"b": jnp.zeros((3, 3))}, "a/b": jnp.zeros((3, 3))}
     rule = optax_gc.infer_output_axes(fn, params, X)
+    assert rule.decisions["a/b"] == (None, "ambiguous path")
     with pytest.raises(ValueError, match='two leaves share the path "a/b"'):
         optax_gc.centralize(output_axes=rule).update(params, None)
 
@@ -414,6 +415,8 @@ def test_bad_input(fn, params, match):
 def test_repr():
     rule = optax_gc.infer_output_axes(_model, PARAMS, X)
     assert repr(rule) == "InferredAxes(3 leaves, 2 with output axes)"
+    with pytest.raises(ValueError, match=r"\(3 leaves, e\.g\. \['b', 'q', 'w'\]\)"):
+        rule((jax.tree_util.DictKey("x"),), jnp.zeros(3))
 
 
 # -- found by an adversarial pass ---------------------------------------------------
@@ -439,16 +442,29 @@ def _taps_scan(w, x):  # ... and as a scan that accumulates into its carry
 
 
 @pytest.mark.parametrize("taps", [_taps_conv, _taps_loop, _taps_scan])
-def test_slices_whose_outputs_are_summed_are_one_fan_in(taps):
+def test_slices_whose_outputs_are_summed_are_not_a_stack(taps):
     w = jax.random.normal(jax.random.key(0), (3, 4, 5))
     x = jax.random.normal(jax.random.key(1), (2, 9, 4))
     np.testing.assert_allclose(taps(w, x), _taps_conv(w, x), rtol=1e-5, atol=1e-5)
     rule = optax_gc.infer_output_axes(lambda p, x: taps(p["w"], x), {"w": w}, x)
-    assert axes_of(rule) == {"w": (2,)}  # each output unit sums over taps and in
-    if taps is not _taps_conv:
-        assert why(rule, "w").endswith(
-            "; the outputs of its slices along axis 0 are summed"
-        )
+    if taps is _taps_conv:
+        assert rule.decisions["w"][0] == (2,)  # fan-in: taps and in
+        return
+    # The same convolution as a sum over the slices of a stack: not a stack of
+    # independent layers, and too easy to misread: left alone, with the reason.
+    assert rule.decisions["w"] == (
+        None,
+        "the outputs of its slices along axis 0 are summed into the same units "
+        "(a convolution over a stack?), not a stack of layers",
+    )
+
+
+def _twice_scan(p, x):  # the same stacked model applied twice, e.g. siamese
+    return _residual_scan(p, x) - _residual_scan(p, -x)
+
+
+def _twice_loop(p, x):  # ... or classifier-free guidance
+    return 2.0 * _residual_loop(p, x) - _residual_loop(p, 0.0 * x)
 
 
 def _residual_loop(p, x):  # successive layers on a residual stream: a stack
@@ -464,7 +480,9 @@ def _residual_scan(p, x):
     return jax.lax.scan(layer, x, (p["w"], p["v"]))[0]
 
 
-@pytest.mark.parametrize("model", [_residual_loop, _residual_scan])
+@pytest.mark.parametrize(
+    "model", [_residual_loop, _residual_scan, _twice_scan, _twice_loop]
+)
 def test_a_residual_stream_is_not_a_sum_over_one_unit(model):
     params = {"w": jnp.zeros((3, 3, 6)), "v": jnp.zeros((3, 6, 3))}
     rule = optax_gc.infer_output_axes(model, params, X)
@@ -550,3 +568,57 @@ def test_concatenated_and_raveled_parameters_keep_their_own_axes():
     params2 = {"a": jnp.zeros((3, 4)), "b": jnp.zeros((4, 3))}
     rule = optax_gc.infer_output_axes(concatenated, params2, X)
     assert axes_of(rule) == {"a": (1,), "b": (1,)}
+
+
+def test_a_partly_used_fan_in_leaves_the_leaf_alone():
+    # Only rows :3 feed the units: averaging over all 6 would move the others.
+    def fn(p, x):
+        return x @ p["w"][:3], x @ p["fused"][:, :2] + x @ p["fused"][:, 2:]
+
+    params = {"w": jnp.zeros((6, 2)), "fused": jnp.zeros((3, 4))}
+    rule = optax_gc.infer_output_axes(fn, params, X)
+    assert rule.decisions["w"] == (None, "axis 0 only partly used by dot_general")
+    # Splitting the output axis (fused q/k/v) is fine.
+    assert rule.decisions["fused"] == ((1,), "dot_general contracts axis 0 (2 uses)")
+
+
+def test_a_slice_of_only_constants_is_a_constant():
+    def fn(p, x):  # the slice keeps only the constant part of the concatenation
+        w0 = jnp.concatenate([p["a"], jnp.ones((3, 3))])[3:]
+        w = jax.lax.fori_loop(0, 2, lambda i, w: p["b"] * 1.0, w0)
+        return x @ w
+
+    params = {"a": jnp.zeros((3, 3)), "b": jnp.zeros((3, 3))}
+    rule = optax_gc.infer_output_axes(fn, params, X)
+    assert axes_of(rule) == {"a": None, "b": (1,)}
+
+
+def test_stacked_parameters_and_a_one_hot_built_in_a_cond():
+    def fn(p, tokens, flag):
+        w = jnp.stack([p["w0"], p["w1"]])  # (2, in, out), then scanned over
+        h, _ = jax.lax.scan(lambda h, w: (h @ w, None), tokens[:, :3] * 1.0, w)
+        one_hot = jax.lax.cond(
+            flag,
+            lambda t: (t[:, :, None] == jnp.arange(10)[None, None]).astype(jnp.float32),
+            lambda t: (t[:, :, None] == jnp.arange(10)[None, None]).astype(jnp.float32),
+            tokens,
+        )
+        return h, one_hot @ p["table"]
+
+    params = {
+        "w0": jnp.zeros((3, 3)),
+        "w1": jnp.zeros((3, 3)),
+        "table": jnp.zeros((10, 4)),
+    }
+    tokens = jax.ShapeDtypeStruct((5, 3), jnp.int32)
+    rule = optax_gc.infer_output_axes(fn, params, tokens, True)
+    assert axes_of(rule) == {"w0": (1,), "w1": (1,), "table": None}
+    assert why(rule, "table") == "lookup"
+
+
+def test_fn_and_params_are_positional_only():
+    def fn(p, x, *, params):  # a model keyword that clashes with the API's name
+        return x @ p["w"] * params
+
+    rule = optax_gc.infer_output_axes(fn, {"w": jnp.zeros((3, 2))}, X, params=2.0)
+    assert axes_of(rule) == {"w": (1,)}
