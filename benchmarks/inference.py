@@ -1,6 +1,6 @@
 """What ``infer_output_axes`` costs, as a ratio to one ``jax.make_jaxpr``.
 
-    python -m benchmarks.inference            # GPT-2 small and a 996-leaf model
+    python -m benchmarks.inference            # GPT-2 small, 996 leaves, nn.scan
     python -m benchmarks.inference --tiny     # seconds: smoke test
 
 Run it from the repository root. Inference traces the model once (one
@@ -22,6 +22,7 @@ import platform
 import statistics
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -29,13 +30,43 @@ import optax_gc
 from benchmarks.models import GPT2
 
 
+class _ScannedBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(4)(h, h)
+        h = nn.Dense(4 * x.shape[-1])(nn.LayerNorm()(x))
+        return x + nn.Dense(x.shape[-1])(nn.gelu(h)), None
+
+
+class ScannedLM(nn.Module):
+    """24 transformer blocks under ``nn.scan(nn.remat(...))``: loops timed too."""
+
+    layers: int = 24
+    d: int = 64
+
+    @nn.compact
+    def __call__(self, tokens):
+        embed = nn.Embed(1000, self.d)
+        stack = nn.scan(
+            nn.remat(_ScannedBlock),
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=self.layers,
+        )
+        x, _ = stack(name="layers")(embed(tokens), None)
+        return embed.attend(nn.LayerNorm()(x))
+
+
 def models(tiny: bool):
-    """``{name: (module, tokens spec)}``: GPT-2 small and a 996-leaf GPT-2."""
+    """``{name: (module, tokens spec)}``: GPT-2 small, a 996-leaf GPT-2, and
+    24 scanned blocks."""
     if tiny:
         return {"gpt2-tiny": (GPT2(2, 16, 2, 50, 8), (1, 8))}
     return {
         "gpt2-small (196 leaves, 124M)": (GPT2(), (1, 1024)),
         "gpt2-62-layers (996 leaves)": (GPT2(62, 64, 4, 1000, 64), (1, 64)),
+        "nn.scan(nn.remat) x24": (ScannedLM(), (1, 64)),
     }
 
 

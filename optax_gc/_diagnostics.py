@@ -116,6 +116,14 @@ class LeafReport(NamedTuple):
         untouched).
       units: N, the number of output units (``None`` when untouched).
       why: the rule, pattern, use or leaf property that decided.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax_gc
+      >>> row = optax_gc.explain({"w": jnp.zeros((3, 4))})["w"]
+      >>> row  # doctest: +NORMALIZE_WHITESPACE
+      LeafReport(path='w', shape=(3, 4), dtype='float32', kept=(1,), fan_in=3,
+                 units=4, why='output_axes=(-1,)')
     """
 
     path: str
@@ -141,6 +149,15 @@ class Explanation:
       touched_leaves: how many leaves GC centralizes.
       touched_params: how many entries those leaves hold.
       total_params: how many entries all array leaves hold.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax_gc
+      >>> table = optax_gc.explain({"w": jnp.zeros((3, 4)), "b": jnp.zeros(4)})
+      >>> [row.path for row in table if row.kept is not None]
+      ['w']
+      >>> table["w"].fan_in, table["w"].units, table.touched_params
+      (3, 4, 12)
     """
 
     def __init__(self, rows: list[LeafReport]):

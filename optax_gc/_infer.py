@@ -17,7 +17,7 @@ says which of its axes are the fan-in (``dot_general``, convolutions) or that
 it has none (a lookup, an elementwise op). The outputs of uses of stack
 slices carry tokens through linear data ops, so that slices whose outputs are
 summed (a convolution written as shifted matmuls over a ``(taps, in, out)``
-kernel) are recognised as one unit's fan-in rather than a stack of layers.
+kernel) are told from a stack of layers, and left alone.
 The uses of a leaf then decide its output axes, or leave it untouched with
 the reason.
 """
@@ -1101,12 +1101,14 @@ def infer_output_axes(
 
     Axes sliced off by ``scan`` (stacked layers), by a loop indexing a stack
     with its counter or by a static index, or mapped by ``vmap``, are kept:
-    GC never averages across a stack or an ensemble. The exception is a stack
-    whose slices' outputs are added into the same units, none depending on
-    another's output (a convolution written as shifted matmuls over a
-    ``(taps, in, out)`` kernel, or a scan accumulating them): the stacked
-    axis is then part of the fan-in, as in the convolution it computes.
-    Successive layers on a residual stream stay a stack. Uses that agree
+    GC never averages across a stack or an ensemble. A stack whose slices'
+    outputs are added (``+``, or a loop carry) into the same units, none
+    depending on another's output, is not a stack of layers (a convolution
+    written as shifted matmuls over a ``(taps, in, out)`` kernel): that leaf
+    is left alone. Successive layers on a residual stream, and the same model
+    applied twice, stay a stack. Such a sum written as a reduction
+    (``jnp.stack(...).sum(0)``, ``vmap`` then ``sum``) is not recognised:
+    the stacked axis is then kept. Uses that agree
     decide together; a lookup together with a matmul (tied embeddings), uses
     that disagree, a weight whose output units were mixed before its use
     (``cumsum`` or ``softmax`` across units, a global norm), an op the

@@ -134,10 +134,11 @@ def centralize(
       on integer leaves (left alone here) and with ``conv_only``.
     * Per-leaf rules: pass a callable ``(key_path, leaf) -> axes | None``, e.g.
       ``(1, 2)`` for DenseGeneral q/k/v kernels ``(in, H, D)``, ``(0, -1)`` for
-      scan-stacked kernels ``(L, in, out)``, ``None`` to skip embeddings
-      (:func:`optax_gc.path_rules` builds one from path patterns). The
-      callable is called at trace time, only on leaves that pass the checks
-      below.
+      scan-stacked kernels ``(L, in, out)``, ``None`` to skip embeddings.
+      :func:`optax_gc.infer_output_axes` builds one from the model's own
+      computation, :func:`optax_gc.path_rules` from path patterns, and
+      :func:`optax_gc.explain` shows what either decides. The callable is
+      called at trace time, only on leaves that pass the checks below.
 
     Leaves left untouched (returned as they are): ndim below 2 (below 4 with
     ``conv_only=True``, the paper's GCC, as in the authors' code), non-floating

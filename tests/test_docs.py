@@ -8,6 +8,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs" / "recipes").glob("*.md"))]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+PRINTS = re.compile(r"^prints\n\n```text\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 
 def python_blocks(page: pathlib.Path) -> str:
@@ -30,4 +31,13 @@ def test_every_recipe_is_linked_from_the_readme():
 def test_page_runs(page, capsys):
     assert python_blocks(page).strip(), f"{page.name} has no python block"
     run_page(page)
-    assert capsys.readouterr().out.strip()  # every page prints its result
+    printed = capsys.readouterr().out
+    assert printed.strip()  # every page prints its result
+    # A "prints" block shows lines of that output, in order ("..." skips some).
+    lines = [line.rstrip() for line in printed.splitlines()]
+    for shown in PRINTS.findall(page.read_text()):
+        at = 0
+        for line in shown.splitlines():
+            if line != "...":
+                assert line in lines[at:], f"{page.name}: not printed: {line!r}"
+                at = lines.index(line, at) + 1

@@ -17,7 +17,6 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import optax_gc
-from optax_gc._axes import path_str
 from tests.helpers import fan_in_means
 
 F32 = jnp.float32
@@ -383,7 +382,8 @@ def _random(tree, seed):
 
 
 def _flat(tree):
-    return [(path_str(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+    rows = optax_gc.explain(tree)  # same order as the leaves; paths as "a/b"
+    return [(r.path, x) for r, x in zip(rows, jax.tree.leaves(tree), strict=True)]
 
 
 # No gradient through pure_callback or a while_loop (reverse mode); the
