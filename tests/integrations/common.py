@@ -4,6 +4,7 @@ the Flax linen Conv + BatchNorm + Dense model of docs/recipes/flax_linen.md
 
 import flax.linen as nn
 import jax
+import numpy as np
 import optax
 from flax.training import train_state
 
@@ -21,6 +22,60 @@ def flat_leaves(tree):
         jax.tree_util.keystr(p, simple=True, separator="/"): x
         for p, x in jax.tree.leaves_with_path(tree)
     }
+
+
+ELEMENTWISE = "elementwise only"  # a reason checked as a prefix: "(add)", ...
+
+
+def assert_decisions(rule, expected, leaf_paths):
+    """``rule`` decided exactly ``expected`` ``{path: (axes, reason)}`` for the
+    leaves at ``leaf_paths``; an ``ELEMENTWISE`` reason is a prefix."""
+    assert set(rule.decisions) == set(expected) == set(leaf_paths)
+    for path, (axes, reason) in expected.items():
+        got_axes, got_reason = rule.decisions[path]
+        assert got_axes == axes, (path, rule.decisions[path])
+        if reason == ELEMENTWISE:
+            assert got_reason.startswith(ELEMENTWISE), (path, got_reason)
+        else:
+            assert got_reason == reason, (path, got_reason)
+
+
+def assert_centred_by_rule(raw, out, rule, already_centred=()):
+    """``out`` (GC of ``raw`` with ``rule``, ``{path: leaf}``): leaves with axes
+    have zero per-unit means and had not (but for ``already_centred``); the
+    others are bit-identical. Returns how many leaves had axes."""
+    assert set(raw) == set(out) == set(rule.decisions)
+    decided = 0
+    for path, (axes, _) in rule.decisions.items():
+        if axes is None:
+            np.testing.assert_array_equal(out[path], raw[path])
+            continue
+        decided += 1
+        scale = np.abs(raw[path]).max()
+        assert scale > 0, path
+        if path not in already_centred:
+            assert np.abs(fan_in_mean(raw[path], axes)).max() > 1e-3 * scale, path
+        np.testing.assert_allclose(
+            fan_in_mean(out[path], axes), 0.0, atol=1e-5 * scale, err_msg=path
+        )
+    return decided
+
+
+def assert_update_then_gc(before, after, updates, rule):
+    """Each leaf moved by exactly ``updates``; each leaf ``rule`` gives axes kept
+    its per-unit mean weight (GC on the update). ``{path: leaf}`` dicts."""
+    for path, (axes, _) in rule.decisions.items():
+        np.testing.assert_allclose(
+            after[path], before[path] + updates[path], rtol=1e-5, atol=1e-7
+        )
+        assert not np.array_equal(after[path], before[path]), path
+        if axes is not None:
+            np.testing.assert_allclose(
+                fan_in_mean(after[path], axes),
+                fan_in_mean(before[path], axes),
+                atol=1e-6,
+                err_msg=path,
+            )
 
 
 def image_batch(seed=0, n=16):

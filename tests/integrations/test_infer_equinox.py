@@ -22,9 +22,14 @@ import optax
 import pytest
 
 import optax_gc
+from tests.integrations.common import (
+    ELEMENTWISE,
+    assert_centred_by_rule,
+    assert_decisions,
+    assert_update_then_gc,
+)
 
 F32 = jnp.float32
-ELEMENTWISE = "elementwise only"  # checked with startswith: "(add)", ...
 # Linear: weight (out, in) @ x contracts the in-feature axis 1.
 LINEAR = ((0,), "dot_general contracts axis 1")
 
@@ -39,11 +44,6 @@ def _leaves(tree):
         jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(x)
         for p, x in jax.tree.leaves_with_path(tree)
     }
-
-
-def _fan_in_mean(x, axes):
-    x = np.asarray(x, np.float64)
-    return x.mean(axis=tuple(a for a in range(x.ndim) if a not in axes))
 
 
 def _batched(module, x):
@@ -250,14 +250,7 @@ def test_inferred_axes_match_layer_definition(name):
     make, apply, args, expected = CASES[name]
     model = eqx.filter_eval_shape(make)  # abstract: no initializer runs
     rule, params = _rule(model, apply, *args, is_param=_is_abstract_inexact)
-    assert set(rule.decisions) == set(expected) == set(_leaves(params))
-    for path, (axes, reason) in expected.items():
-        got_axes, got_reason = rule.decisions[path]
-        assert got_axes == axes, (path, rule.decisions[path])
-        if reason == ELEMENTWISE:
-            assert got_reason.startswith(ELEMENTWISE), (path, got_reason)
-        else:
-            assert got_reason == reason, (path, got_reason)
+    assert_decisions(rule, expected, _leaves(params))
 
 
 def _batch():
@@ -285,19 +278,7 @@ def test_centralize_with_rule_on_real_gradients():
     model, rule = _tiny_model_and_rule()
     grads = eqx.filter_jit(_grads)(model, *_batch())  # model-shaped, None leaves
     out = _leaves(optax_gc.centralize(output_axes=rule).update(grads, None)[0])
-    raw = _leaves(grads)
-    assert set(raw) == set(out) == set(rule.decisions)
-    decided = 0
-    for path, (axes, _) in rule.decisions.items():
-        if axes is None:
-            np.testing.assert_array_equal(out[path], raw[path])
-            continue
-        decided += 1
-        scale = np.abs(raw[path]).max()
-        assert np.abs(_fan_in_mean(raw[path], axes)).max() > 1e-3 * scale, path
-        np.testing.assert_allclose(
-            _fan_in_mean(out[path], axes), 0.0, atol=1e-5 * scale, err_msg=path
-        )
+    decided = assert_centred_by_rule(_leaves(grads), out, rule)
     assert decided == sum(a is not None for a, _ in TINY_EXPECTED.values())
 
 
@@ -324,15 +305,4 @@ def test_gc_adam_step_on_filtered_equinox_trees():
     updates, _ = adam.update(grads, adam.init(params), params)
     updates = _leaves(optax_gc.centralize(output_axes=rule).update(updates, None)[0])
     assert set(before) == set(after) == set(updates) == set(rule.decisions)
-    for path, (axes, _) in rule.decisions.items():
-        np.testing.assert_allclose(
-            after[path], before[path] + updates[path], rtol=1e-5, atol=1e-7
-        )
-        assert not np.array_equal(after[path], before[path]), path
-        if axes is not None:  # GC on the update: each unit's mean weight is fixed
-            np.testing.assert_allclose(
-                _fan_in_mean(after[path], axes),
-                _fan_in_mean(before[path], axes),
-                atol=1e-6,
-                err_msg=path,
-            )
+    assert_update_then_gc(before, after, updates, rule)

@@ -17,9 +17,14 @@ import pytest
 from flax import nnx
 
 import optax_gc
+from tests.integrations.common import (
+    ELEMENTWISE,
+    assert_centred_by_rule,
+    assert_decisions,
+    assert_update_then_gc,
+)
 
 F32 = jnp.float32
-ELEMENTWISE = "elementwise only"  # checked with startswith: "(add)", "(mul)"...
 
 
 def _spec(*shape, dtype=F32):
@@ -44,11 +49,6 @@ def _pure_fn(model):
         return nnx.merge(graphdef, p, rest)(*args)
 
     return fn, params
-
-
-def _fan_in_mean(x, axes):
-    x = np.asarray(x, np.float64)
-    return x.mean(axis=tuple(a for a in range(x.ndim) if a not in axes))
 
 
 # --- models written for these tests -------------------------------------------
@@ -327,14 +327,7 @@ def test_inferred_axes_match_layer_definition(name):
     model = nnx.eval_shape(lambda: make(nnx.Rngs(0)))  # abstract: no init runs
     fn, params = _pure_fn(model)
     rule = optax_gc.infer_output_axes(fn, params, *args)
-    assert set(rule.decisions) == set(expected) == set(_leaves(params))
-    for path, (axes, reason) in expected.items():
-        got_axes, got_reason = rule.decisions[path]
-        assert got_axes == axes, (path, rule.decisions[path])
-        if reason == ELEMENTWISE:
-            assert got_reason.startswith(ELEMENTWISE), (path, got_reason)
-        else:
-            assert got_reason == reason, (path, got_reason)
+    assert_decisions(rule, expected, _leaves(params))
 
 
 def _tiny_lm_batch():
@@ -360,23 +353,11 @@ def test_centralize_with_rule_on_real_gradients():
     model, rule = _tiny_lm_and_rule()
     grads = nnx.jit(nnx.grad(_loss))(model, *_tiny_lm_batch())  # State of Params
     out = _leaves(optax_gc.centralize(output_axes=rule).update(grads, None)[0])
-    raw = _leaves(grads)
-    assert set(raw) == set(out) == set(rule.decisions)
-    decided = 0
-    for path, (axes, _) in rule.decisions.items():
-        if axes is None:
-            np.testing.assert_array_equal(out[path], raw[path])
-            continue
-        decided += 1
-        scale = np.abs(raw[path]).max()
-        assert scale > 0, path
-        # Not centred already, except the head: its input is a LayerNorm output,
-        # zero-mean over d, so its gradient x^T delta has zero fan-in mean anyway.
-        if path != "head/kernel":
-            assert np.abs(_fan_in_mean(raw[path], axes)).max() > 1e-3 * scale, path
-        np.testing.assert_allclose(
-            _fan_in_mean(out[path], axes), 0.0, atol=1e-5 * scale, err_msg=path
-        )
+    # The head's input is a LayerNorm output, zero-mean over d, so its gradient
+    # x^T delta already has zero fan-in mean.
+    decided = assert_centred_by_rule(
+        _leaves(grads), out, rule, already_centred={"head/kernel"}
+    )
     assert decided == sum(a is not None for a, _ in TINY_LM_EXPECTED.values())
 
 
@@ -402,15 +383,4 @@ def test_nnx_optimizer_step_with_inferred_rule():
     adamw = optax.adamw(1e-3)
     updates, _ = adamw.update(grads, adamw.init(before_state), before_state)
     updates = _leaves(optax_gc.centralize(output_axes=rule).update(updates, None)[0])
-    for path, (axes, _) in rule.decisions.items():
-        np.testing.assert_allclose(
-            after[path], before[path] + updates[path], rtol=1e-5, atol=1e-7
-        )
-        assert not np.array_equal(after[path], before[path]), path
-        if axes is not None:  # GC on the update: each unit's mean weight is fixed
-            np.testing.assert_allclose(
-                _fan_in_mean(after[path], axes),
-                _fan_in_mean(before[path], axes),
-                atol=1e-6,
-                err_msg=path,
-            )
+    assert_update_then_gc(before, after, updates, rule)
