@@ -94,10 +94,6 @@ DATA = _Data()
 ONEHOT = _Data(onehot=True)
 
 
-def _is_data(x: Any) -> bool:
-    return isinstance(x, _Data)
-
-
 _ONEHOT_KEEPS = frozenset(
     "convert_element_type broadcast_in_dim reshape transpose squeeze copy copy_p "
     "sharding_constraint".split()
