@@ -1,0 +1,55 @@
+"""Rebuilds ``benchmarks/data/fashion-mnist-10k.npz`` from the official files.
+
+    python -m benchmarks.make_subset [--data-dir /usr/share/datasets/fashion-mnist]
+
+The subset is the first 10,000 of the 60,000 official Fashion-MNIST training
+images and the first 5,000 of the 10,000 official test images, as uint8
+arrays ``x_train (10000, 28, 28)``, ``y_train``, ``x_test (5000, 28, 28)``,
+``y_test`` in a compressed ``.npz``. The official files come from the Debian
+package ``dataset-fashion-mnist``. The arrays are checked against
+``benchmarks.train.SUBSET_SHA256`` (the zip container itself carries
+timestamps, so its bytes differ between builds; its contents do not).
+Fashion-MNIST is (c) 2017 Zalando SE, MIT licence: see
+``benchmarks/data/LICENSE-fashion-mnist``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+import numpy as np
+
+from benchmarks import train
+
+
+def build(data_dir: str, out: pathlib.Path) -> str:
+    root = pathlib.Path(data_dir)
+    arrays = {k: train.read_idx(root / name) for k, name in train.FASHION_FILES.items()}
+    n_train, n_test = train.SUBSET_SIZES["train"], train.SUBSET_SIZES["test"]
+    subset = {
+        "x_train": arrays["x_train"][:n_train],
+        "y_train": arrays["y_train"][:n_train],
+        "x_test": arrays["x_test"][:n_test],
+        "y_test": arrays["y_test"][:n_test],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, **subset)
+    return train.arrays_sha256(subset)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.make_subset")
+    p.add_argument("--data-dir", default=train.FASHION_DIR)
+    p.add_argument("--out", type=pathlib.Path, default=train.SUBSET_FILE)
+    args = p.parse_args(argv)
+    sha = build(args.data_dir, args.out)
+    status = "matches" if sha == train.SUBSET_SHA256 else "DIFFERS from"
+    print(
+        f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB); contents "
+        f"sha256 {sha} {status} benchmarks.train.SUBSET_SHA256"
+    )
+
+
+if __name__ == "__main__":
+    main()
