@@ -18,15 +18,18 @@ import optax_gc
 
 
 class CNN(nn.Module):
-    """conv-conv-pool-conv-pool-dense, BatchNorm after every convolution.
+    """Two conv-BN-ReLU pairs per stage, two stages, then a hidden Dense layer.
 
-    ``stem_stride=2`` (used for 28x28 Fashion-MNIST) makes the first
-    convolution strided, so the rest runs at 14x14: on two CPU cores this is
-    what makes 5 seeds x 5 runs fit in about half an hour.
+    ``conv(w) conv(w) pool conv(2w) conv(2w) pool dense(hidden) dense(10)``,
+    3x3 convolutions without bias, each followed by BatchNorm and ReLU; 2x2
+    max-pools. ``width=32, stem_stride=1, hidden=128`` is the network of the
+    independent Fashion-MNIST run quoted in issue 11; ``stem_stride=2`` makes
+    the first convolution strided, so the rest runs at a quarter of the pixels.
     """
 
     width: int = 16
     stem_stride: int = 1
+    hidden: int = 128
     num_classes: int = 10
 
     @nn.compact
@@ -37,11 +40,13 @@ class CNN(nn.Module):
             return nn.relu(x)
 
         x = conv_bn_relu(x, self.width, self.stem_stride)
+        x = conv_bn_relu(x, self.width)
+        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = conv_bn_relu(x, 2 * self.width)
         x = conv_bn_relu(x, 2 * self.width)
         x = nn.max_pool(x, (2, 2), (2, 2))
-        x = conv_bn_relu(x, 4 * self.width)
-        x = nn.max_pool(x, (2, 2), (2, 2))
-        return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+        x = nn.relu(nn.Dense(self.hidden)(x.reshape(x.shape[0], -1)))
+        return nn.Dense(self.num_classes)(x)
 
 
 def resnet50_shapes(num_classes=1000):

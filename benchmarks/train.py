@@ -1,29 +1,44 @@
-"""GC vs baseline: a small Flax CNN on real images, several seeds, one command.
+"""GC vs baseline: a Flax CNN on real images, several seeds, one command.
 
-    python -m benchmarks.train                          # digits, 5 seeds
-    python -m benchmarks.train --dataset fashion-mnist  # needs the Debian
-                                                        # package dataset-fashion-mnist
+    python -m benchmarks.train                          # the shipped Fashion-MNIST
+                                                        # subset, 3 seeds
+    python -m benchmarks.train --lr-sweep               # GC vs baseline over
+                                                        # learning rates
+    python -m benchmarks.train --dataset fashion-mnist  # all 60,000 images (the
+                                                        # Debian package
+                                                        # dataset-fashion-mnist)
+    python -m benchmarks.train --dataset digits         # 8x8 digits, seconds
 
 Run it from the repository root. The model is ``benchmarks.models.CNN``.
 
-Each seed trains every optimizer twice, with and without Gradient
-Centralization, from the same initialization and with the same data order:
+Each seed trains every optimizer with and without Gradient Centralization,
+from the same initialization and with the same data order (the paper's
+recipe, Yong et al., ECCV 2020, arXiv 2004.01461; nothing is tuned per arm):
 
-* ``sgd``:          SGD, momentum 0.9, L2 5e-4 (the paper's setting) vs
-                    ``optax_gc.gc_sgd`` with the same arguments;
+* ``sgd``:          SGD, momentum 0.9, L2 5e-4 added to the gradient, vs
+                    ``optax_gc.gc_sgd`` with the same arguments (L2 before GC);
 * ``adam-grad``:    Adam vs ``optax_gc.gc_adam(location="gradient")``;
 * ``adam-update``:  Adam vs ``optax_gc.gc_adam(location="update")``.
 
-Both Adam rows share one baseline run per seed. Hyperparameters are the same
-for GC and baseline; nothing is tuned per arm. Writes ``results.json`` (every
-per-epoch metric of every run, the config and versions) and ``curves.png``
-into ``--out`` and prints a table: mean ± std over seeds, and the paired
-difference GC - baseline with its standard error.
+Both Adam rows share one baseline run per seed. The learning rate follows a
+cosine decay to zero over the run (``--schedule constant`` keeps it fixed).
+Writes ``results.json`` (every per-epoch metric of every run, the config and
+versions) and ``curves.png`` into ``--out`` and prints a table: mean ± std
+over seeds, and the paired difference GC - baseline with its standard error.
+``--lr-sweep`` instead trains every arm at several multiples of the learning
+rate and writes ``sweep.json`` and ``lr_sweep.png``.
 
-Splits (fixed): digits, scikit-learn's 1,797 bundled 8x8 images, stratified
-80/20 with ``random_state=0`` (1,437 train / 360 test); Fashion-MNIST, the
-first ``--train-subset`` images of the official 60,000 training images
-(default 20,000) and the official 10,000 test images.
+Datasets (fixed splits):
+
+* ``fashion-mnist-10k`` (default): ``benchmarks/data/fashion-mnist-10k.npz``,
+  shipped with the repository: the first 10,000 of the 60,000 official
+  Fashion-MNIST training images and the first 5,000 of the 10,000 official
+  test images (``python -m benchmarks.make_subset`` rebuilds it);
+* ``fashion-mnist``: the official files in ``--data-dir`` (the first
+  ``--train-subset`` training images, default all 60,000; all 10,000 test
+  images);
+* ``digits``: scikit-learn's 1,797 bundled 8x8 images, stratified 80/20 with
+  ``random_state=0`` (1,437 train / 360 test).
 """
 
 from __future__ import annotations
@@ -31,12 +46,14 @@ from __future__ import annotations
 import argparse
 import functools
 import gzip
+import hashlib
 import json
 import math
 import pathlib
 import platform
 import sys
 import time
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -53,13 +70,38 @@ FASHION_FILES = {
     "x_test": "t10k-images-idx3-ubyte.gz",
     "y_test": "t10k-labels-idx1-ubyte.gz",
 }
-DEFAULTS = {  # per dataset: epochs, batch size, seeds
-    "digits": {"epochs": 15, "batch_size": 32, "seeds": 5, "width": 16},
-    "fashion-mnist": {"epochs": 15, "batch_size": 128, "seeds": 5, "width": 8},
+DATA_DIR = pathlib.Path(__file__).parent / "data"
+SUBSET_FILE = DATA_DIR / "fashion-mnist-10k.npz"
+SUBSET_SIZES = {"train": 10_000, "test": 5_000}
+# sha256 of x_train, y_train, x_test, y_test's bytes, in that order (uint8).
+SUBSET_SHA256 = "ed034e8d89dea1ef6745d0a25a44741530c5a7342f7e554f7f22ba66d9800a61"
+DEFAULTS = {  # per dataset
+    "fashion-mnist-10k": {
+        "epochs": 8,
+        "batch_size": 128,
+        "seeds": 3,
+        "width": 16,
+        "stem_stride": 2,
+    },
+    "fashion-mnist": {
+        "epochs": 8,
+        "batch_size": 128,
+        "seeds": 3,
+        "width": 16,
+        "stem_stride": 2,
+    },
+    "digits": {
+        "epochs": 15,
+        "batch_size": 32,
+        "seeds": 5,
+        "width": 16,
+        "stem_stride": 1,
+    },
 }
 OPTIMIZERS = ("sgd", "adam-grad", "adam-update")
 SGD_LR, MOMENTUM, L2 = 0.05, 0.9, 5e-4
 ADAM_LR = 1e-3
+SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 # --- data --------------------------------------------------------------------
@@ -95,6 +137,62 @@ def read_idx(path: pathlib.Path) -> np.ndarray:
     return array.reshape(shape)
 
 
+def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for key in ("x_train", "y_train", "x_test", "y_test"):
+        digest.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return digest.hexdigest()
+
+
+def _scale(arrays, n_train=None):
+    """uint8 arrays -> float32 images in [0, 1] with a channel axis, int32 labels."""
+    n = len(arrays["x_train"]) if n_train is None else n_train
+    return (
+        (arrays["x_train"][:n] / 255.0).astype(np.float32)[..., None],
+        arrays["y_train"][:n].astype(np.int32),
+        (arrays["x_test"] / 255.0).astype(np.float32)[..., None],
+        arrays["y_test"].astype(np.int32),
+    )
+
+
+def load_subset(path: pathlib.Path = SUBSET_FILE, train_subset: int | None = None):
+    """The shipped Fashion-MNIST subset, checked against its recorded sha256."""
+    path = pathlib.Path(path)
+    rebuild = (
+        f"Restore it with `git checkout -- {path.name}` in {path.parent}, or "
+        f"rebuild it from the official files with `python -m benchmarks."
+        f"make_subset` (Debian package dataset-fashion-mnist)."
+    )
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the Fashion-MNIST subset {path} is missing; it ships with the "
+            f"repository. {rebuild}"
+        )
+    try:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
+            arrays = {key: f[key] for key in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise ValueError(f"{path} is corrupt ({e}). {rebuild}") from e
+    expected = {
+        "x_train": (SUBSET_SIZES["train"], 28, 28),
+        "y_train": (SUBSET_SIZES["train"],),
+        "x_test": (SUBSET_SIZES["test"], 28, 28),
+        "y_test": (SUBSET_SIZES["test"],),
+    }
+    got = {k: (a.shape, a.dtype) for k, a in arrays.items()}
+    if got != {k: (s, np.dtype(np.uint8)) for k, s in expected.items()}:
+        raise ValueError(
+            f"{path} is corrupt: expected uint8 arrays {expected}, found {got}. "
+            f"{rebuild}"
+        )
+    if arrays_sha256(arrays) != SUBSET_SHA256:
+        raise ValueError(
+            f"{path} is corrupt: its contents do not match the recorded sha256 "
+            f"{SUBSET_SHA256}. {rebuild}"
+        )
+    return _scale(arrays, train_subset)
+
+
 def load_fashion_mnist(data_dir: str, train_subset: int | None):
     root = pathlib.Path(data_dir)
     missing = [name for name in FASHION_FILES.values() if not (root / name).is_file()]
@@ -104,32 +202,37 @@ def load_fashion_mnist(data_dir: str, train_subset: int | None):
             f"{', '.join(missing)}.\nInstall the Debian package "
             f"dataset-fashion-mnist (apt-get install dataset-fashion-mnist puts "
             f"them in {FASHION_DIR}) or pass --data-dir pointing at the four IDX "
-            f".gz files."
+            f".gz files. The default dataset, fashion-mnist-10k, needs neither."
         )
     arrays = {k: read_idx(root / name) for k, name in FASHION_FILES.items()}
-    n = len(arrays["x_train"]) if train_subset is None else train_subset
-    x_train = (arrays["x_train"][:n] / 255.0).astype(np.float32)[..., None]
-    x_test = (arrays["x_test"] / 255.0).astype(np.float32)[..., None]
-    return (
-        x_train,
-        arrays["y_train"][:n].astype(np.int32),
-        x_test,
-        arrays["y_test"].astype(np.int32),
-    )
+    return _scale(arrays, train_subset)
 
 
 # --- optimizers -----------------------------------------------------------------
 
 
-def make_optimizer(name: str, gc: bool) -> optax.GradientTransformation:
+def learning_rates(name: str, args) -> float:
+    return args.sgd_lr if name == "sgd" else args.adam_lr
+
+
+def make_optimizer(name: str, gc: bool, learning_rate) -> optax.GradientTransformation:
+    """The arm's optimizer; ``learning_rate`` is a float or an optax schedule."""
     if name == "sgd":
         if gc:
-            return optax_gc.gc_sgd(SGD_LR, MOMENTUM, weight_decay=L2)
-        return optax.chain(optax.add_decayed_weights(L2), optax.sgd(SGD_LR, MOMENTUM))
+            return optax_gc.gc_sgd(learning_rate, MOMENTUM, weight_decay=L2)
+        return optax.chain(
+            optax.add_decayed_weights(L2), optax.sgd(learning_rate, MOMENTUM)
+        )
     if not gc:
-        return optax.adam(ADAM_LR)
+        return optax.adam(learning_rate)
     location = {"adam-grad": "gradient", "adam-update": "update"}[name]
-    return optax_gc.gc_adam(ADAM_LR, location=location)
+    return optax_gc.gc_adam(learning_rate, location=location)
+
+
+def make_schedule(kind: str, peak: float, total_steps: int):
+    if kind == "constant":
+        return peak
+    return optax.cosine_decay_schedule(peak, decay_steps=total_steps, alpha=0.0)
 
 
 # --- training --------------------------------------------------------------------
@@ -198,14 +301,25 @@ def make_run_fns(model, tx, x_train, y_train, x_test, y_test, batch_size):
     return init, train_epoch, evaluate
 
 
-def train_one(fns, seed, epochs, n_train, progress):
+def params_sha256(params) -> str:
+    """A fingerprint of the initial parameters (equal across a seed's arms)."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        digest.update(np.asarray(leaf).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def train_one(fns, seed, epochs, n_train, progress, label):
     init, train_epoch, evaluate = fns
     params, batch_stats, opt_state = init(jax.random.key(seed))
+    init_sha = params_sha256(params)
     rng = np.random.default_rng(seed)  # the same data order for every arm
+    order_sha = hashlib.sha256()
     carry = (params, batch_stats, opt_state)
     history = []
     for epoch in range(1, epochs + 1):
         order = rng.permutation(n_train).astype(np.int32)
+        order_sha.update(order.tobytes())
         carry, train_loss, train_acc = train_epoch(carry, order)
         test_loss, test_acc = evaluate(carry[0], carry[1])
         history.append(
@@ -217,14 +331,83 @@ def train_one(fns, seed, epochs, n_train, progress):
                 "test_acc": float(test_acc),
             }
         )
-        progress.set_postfix(
-            loss=f"{float(train_loss):.4f}", test_acc=f"{float(test_acc):.4f}"
+        progress.set_postfix_str(
+            f"{label} epoch {epoch}: loss {float(train_loss):.4f}, "
+            f"test acc {100 * float(test_acc):.2f}%"
         )
         progress.update(1)
-    return history
+    return history, init_sha, order_sha.hexdigest()[:16]
+
+
+def arms_for(optimizers):
+    """[(arm name, optimizer name, gc)]: Adam's baseline is shared by its rows."""
+    arms = []
+    if "sgd" in optimizers:
+        arms += [("sgd", "sgd", False), ("sgd+gc", "sgd", True)]
+    adam_rows = [n for n in optimizers if n != "sgd"]
+    if adam_rows:
+        arms.append(("adam", adam_rows[0], False))
+        arms += [(f"{n}+gc", n, True) for n in adam_rows]
+    return arms
+
+
+def base_arm(name: str) -> str:
+    return "sgd" if name == "sgd" else "adam"
+
+
+def train_arms(args, data, factor=1.0, progress=None):
+    """Every arm x seed at ``factor`` times the default learning rates."""
+    model = CNN(width=args.width, stem_stride=args.stem_stride, hidden=args.hidden)
+    steps = len(data[0]) // args.batch_size * args.epochs
+    fns = {}
+    for arm, name, gc in arms_for(args.optimizers):
+        lr = factor * learning_rates(name, args)
+        tx = make_optimizer(name, gc, make_schedule(args.schedule, lr, steps))
+        fns[arm] = (name, gc, lr, make_run_fns(model, tx, *data, args.batch_size))
+    runs = []
+    for seed in range(args.seeds):
+        for arm, (name, gc, lr, arm_fns) in fns.items():
+            t0 = time.perf_counter()
+            label = f"{arm} seed {seed}" + (f" lr {lr:g}" if factor != 1.0 else "")
+            history, init_sha, order_sha = train_one(
+                arm_fns, seed, args.epochs, len(data[0]), progress, label
+            )
+            seconds = time.perf_counter() - t0
+            runs.append(
+                {
+                    "arm": arm,
+                    "optimizer": name,
+                    "gc": gc,
+                    "seed": seed,
+                    "learning_rate": lr,
+                    "init_sha256": init_sha,
+                    "data_order_sha256": order_sha,
+                    "seconds": round(seconds, 2),
+                    "history": history,
+                }
+            )
+            final = history[-1]
+            progress.write(
+                f"{label:>28}: train loss {final['train_loss']:.4f}, test acc "
+                f"{100 * final['test_acc']:.2f}% ({seconds:.1f} s)"
+            )
+    return runs
 
 
 # --- reporting ---------------------------------------------------------------------
+
+
+def _stats(base, gc):
+    base, gc = np.asarray(base), np.asarray(gc)
+    diff, n = gc - base, len(base)
+    return {
+        "baseline_mean": float(base.mean()),
+        "baseline_std": float(base.std(ddof=1)) if n > 1 else 0.0,
+        "gc_mean": float(gc.mean()),
+        "gc_std": float(gc.std(ddof=1)) if n > 1 else 0.0,
+        "diff_mean": float(diff.mean()),
+        "diff_se": float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+    }
 
 
 def summarize(runs, optimizers, seeds):
@@ -232,42 +415,37 @@ def summarize(runs, optimizers, seeds):
     final = {(r["arm"], r["seed"]): r["history"][-1] for r in runs}
     summary = {}
     for name in optimizers:
-        base_arm = "sgd" if name == "sgd" else "adam"
-        row = {}
-        for metric in ("train_loss", "test_acc"):
-            base = np.array([final[(base_arm, s)][metric] for s in seeds])
-            gc = np.array([final[(f"{name}+gc", s)][metric] for s in seeds])
-            diff = gc - base
-            n = len(seeds)
-            row[metric] = {
-                "baseline_mean": float(base.mean()),
-                "baseline_std": float(base.std(ddof=1)) if n > 1 else 0.0,
-                "gc_mean": float(gc.mean()),
-                "gc_std": float(gc.std(ddof=1)) if n > 1 else 0.0,
-                "diff_mean": float(diff.mean()),
-                "diff_se": float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
-            }
-        summary[name] = row
+        summary[name] = {
+            metric: _stats(
+                [final[(base_arm(name), s)][metric] for s in seeds],
+                [final[(f"{name}+gc", s)][metric] for s in seeds],
+            )
+            for metric in ("train_loss", "test_acc")
+        }
     return summary
 
 
-def format_table(summary, n_seeds):
-    head = (
-        "| optimizer | train loss, baseline | train loss, GC | GC - baseline "
-        "| test acc %, baseline | test acc %, GC | GC - baseline |"
+def _cells(row):
+    loss, acc = row["train_loss"], row["test_acc"]
+    return (
+        f"| {loss['baseline_mean']:.4f} ± {loss['baseline_std']:.4f} "
+        f"| {loss['gc_mean']:.4f} ± {loss['gc_std']:.4f} "
+        f"| {loss['diff_mean']:+.4f} ± {loss['diff_se']:.4f} "
+        f"| {100 * acc['baseline_mean']:.2f} ± {100 * acc['baseline_std']:.2f} "
+        f"| {100 * acc['gc_mean']:.2f} ± {100 * acc['gc_std']:.2f} "
+        f"| {100 * acc['diff_mean']:+.2f} ± {100 * acc['diff_se']:.2f} |"
     )
-    lines = [head, "|" + "---|" * 7]
-    for name, row in summary.items():
-        loss, acc = row["train_loss"], row["test_acc"]
-        lines.append(
-            f"| {name} "
-            f"| {loss['baseline_mean']:.4f} ± {loss['baseline_std']:.4f} "
-            f"| {loss['gc_mean']:.4f} ± {loss['gc_std']:.4f} "
-            f"| {loss['diff_mean']:+.4f} ± {loss['diff_se']:.4f} "
-            f"| {100 * acc['baseline_mean']:.2f} ± {100 * acc['baseline_std']:.2f} "
-            f"| {100 * acc['gc_mean']:.2f} ± {100 * acc['gc_std']:.2f} "
-            f"| {100 * acc['diff_mean']:+.2f} ± {100 * acc['diff_se']:.2f} |"
-        )
+
+
+HEAD = (
+    "| train loss, baseline | train loss, GC | GC - baseline "
+    "| test acc %, baseline | test acc %, GC | GC - baseline |"
+)
+
+
+def format_table(summary, n_seeds):
+    lines = ["| optimizer " + HEAD, "|" + "---|" * 7]
+    lines += [f"| {name} " + _cells(row) for name, row in summary.items()]
     lines.append(
         f"\nmean ± std over {n_seeds} seed(s); GC - baseline: mean of the per-seed "
         f"paired differences ± its standard error. Final epoch."
@@ -285,22 +463,23 @@ def plot_curves(runs, optimizers, path, title):
         2, len(optimizers), figsize=(4.2 * len(optimizers), 6.5), squeeze=False
     )
     for col, name in enumerate(optimizers):
-        base_arm = "sgd" if name == "sgd" else "adam"
         for arm, label, color in (
-            (base_arm, "baseline", "tab:gray"),
+            (base_arm(name), "baseline", "tab:gray"),
             (f"{name}+gc", "GC", "tab:red"),
         ):
             hist = [r["history"] for r in runs if r["arm"] == arm]
             epochs = np.arange(1, len(hist[0]) + 1)
             for row, metric in enumerate(("train_loss", "test_acc")):
                 values = np.array([[h[metric] for h in run] for run in hist])
+                if metric == "test_acc":
+                    values = 100 * values
                 mean, std = values.mean(0), values.std(0)
                 ax = axes[row, col]
-                ax.plot(epochs, mean, color=color, label=label)
+                ax.plot(epochs, mean, color=color, label=label, marker=".")
                 ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2)
                 ax.set_xlabel("epoch")
                 ax.set_ylabel(
-                    {"train_loss": "train loss", "test_acc": "test accuracy"}[metric]
+                    {"train_loss": "train loss", "test_acc": "test accuracy %"}[metric]
                 )
                 if metric == "train_loss":
                     ax.set_yscale("log")
@@ -308,6 +487,68 @@ def plot_curves(runs, optimizers, path, title):
                 ax.grid(alpha=0.3)
                 ax.legend()
     fig.suptitle(f"{title}: mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summarize_sweep(runs_by_factor, optimizers, seeds):
+    """{optimizer: [{learning_rate, train_loss: stats, test_acc: stats}]}."""
+    out = {name: [] for name in optimizers}
+    for runs in runs_by_factor:
+        summary = summarize(runs, optimizers, seeds)
+        for name in optimizers:
+            lr = next(r["learning_rate"] for r in runs if r["arm"] == f"{name}+gc")
+            out[name].append({"learning_rate": lr, **summary[name]})
+    return out
+
+
+def format_sweep(sweep, n_seeds):
+    lines = ["| optimizer | learning rate " + HEAD, "|" + "---|" * 8]
+    for name, rows in sweep.items():
+        lines += [f"| {name} | {row['learning_rate']:g} " + _cells(row) for row in rows]
+    lines.append(
+        f"\nmean ± std over {n_seeds} seed(s); GC - baseline: mean of the per-seed "
+        f"paired differences ± its standard error. Final epoch; the peak "
+        f"learning rate of the schedule."
+    )
+    return "\n".join(lines)
+
+
+def plot_sweep(sweep, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        2, len(sweep), figsize=(4.2 * len(sweep), 6.5), squeeze=False
+    )
+    for col, (name, rows) in enumerate(sweep.items()):
+        lrs = [row["learning_rate"] for row in rows]
+        for row_i, metric in enumerate(("train_loss", "test_acc")):
+            ax = axes[row_i, col]
+            scale = 100 if metric == "test_acc" else 1
+            for arm, label, color in (
+                ("baseline", "baseline", "tab:gray"),
+                ("gc", "GC", "tab:red"),
+            ):
+                mean = [scale * row[metric][f"{arm}_mean"] for row in rows]
+                std = [scale * row[metric][f"{arm}_std"] for row in rows]
+                ax.errorbar(lrs, mean, yerr=std, color=color, label=label, marker="o")
+            ax.set_xscale("log")
+            ax.set_xlabel("peak learning rate")
+            ax.set_ylabel(
+                {"train_loss": "final train loss", "test_acc": "test accuracy %"}[
+                    metric
+                ]
+            )
+            if metric == "train_loss":
+                ax.set_yscale("log")
+                ax.set_title(name)
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.suptitle(f"{title}: mean ± std over seeds, final epoch")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -331,29 +572,76 @@ def versions():
 # --- main ---------------------------------------------------------------------
 
 
+def _floats(text):
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not comma-separated numbers: {text!r}"
+        ) from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"need positive numbers: {text!r}")
+    return values
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.train", description=__doc__.split("\n")[0]
+    per_dataset = "\n".join(
+        f"  {name}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items())
+        for name, d in DEFAULTS.items()
     )
-    p.add_argument("--dataset", choices=list(DEFAULTS), default="digits")
-    p.add_argument("--epochs", type=int, help="default: 15")
-    p.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (default 5)")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.train",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"defaults per dataset:\n{per_dataset}",
+    )
+    p.add_argument(
+        "--dataset",
+        choices=list(DEFAULTS),
+        default="fashion-mnist-10k",
+        help="fashion-mnist-10k (default) ships with the repository; "
+        "fashion-mnist reads the official files from --data-dir",
+    )
+    p.add_argument("--epochs", type=int, help="default: per dataset (below)")
+    p.add_argument("--seeds", type=int, help="seeds 0..N-1; default: per dataset")
     p.add_argument(
         "--optimizers",
         default=",".join(OPTIMIZERS),
-        help=f"comma-separated subset of {','.join(OPTIMIZERS)}",
+        help=f"comma-separated subset of {','.join(OPTIMIZERS)} (default: all)",
     )
-    p.add_argument("--batch-size", type=int, help="default: 32 digits, 128 fashion")
+    p.add_argument("--batch-size", type=int, help="default: per dataset")
     p.add_argument(
-        "--width", type=int, help="first conv's channels (16 digits, 8 fashion-mnist)"
+        "--width", type=int, help="channels of the first two convs; per dataset"
     )
-    p.add_argument("--out", help="results folder (default: runs/<dataset>)")
-    p.add_argument("--data-dir", default=FASHION_DIR, help="Fashion-MNIST IDX folder")
     p.add_argument(
-        "--train-subset",
-        type=int,
-        help="use the first N training images (fashion-mnist default 20000; "
-        "digits default: all)",
+        "--stem-stride", type=int, help="stride of the first conv; per dataset"
+    )
+    p.add_argument("--hidden", type=int, default=128, help="hidden Dense units (128)")
+    p.add_argument(
+        "--schedule",
+        choices=("cosine", "constant"),
+        default="cosine",
+        help="learning rate: cosine decay to 0 over the run (default) or constant",
+    )
+    p.add_argument("--sgd-lr", type=float, default=SGD_LR, help=f"({SGD_LR:g})")
+    p.add_argument("--adam-lr", type=float, default=ADAM_LR, help=f"({ADAM_LR:g})")
+    p.add_argument(
+        "--lr-sweep",
+        nargs="?",
+        const=",".join(f"{f:g}" for f in SWEEP_FACTORS),
+        type=_floats,
+        metavar="FACTORS",
+        help="train every arm at these multiples of its learning rate instead "
+        f"(default factors {','.join(f'{f:g}' for f in SWEEP_FACTORS)})",
+    )
+    p.add_argument("--out", help="results folder (default: runs/<dataset>[-lr-sweep])")
+    p.add_argument(
+        "--data-dir",
+        default=FASHION_DIR,
+        help=f"folder of the official Fashion-MNIST IDX files ({FASHION_DIR})",
+    )
+    p.add_argument(
+        "--train-subset", type=int, help="use only the first N training images"
     )
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.dataset].items():
@@ -363,103 +651,94 @@ def parse_args(argv=None):
     bad = [n for n in names if n not in OPTIMIZERS]
     if bad or not names:
         p.error(f"--optimizers: unknown {bad}; choose from {', '.join(OPTIMIZERS)}")
-    args.optimizers = names
-    for key in ("epochs", "seeds", "batch_size", "width"):
+    args.optimizers = [n for n in OPTIMIZERS if n in names]
+    for key in ("epochs", "seeds", "batch_size", "width", "stem_stride", "hidden"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
-    if args.dataset == "fashion-mnist" and args.train_subset is None:
-        args.train_subset = 20000
+    for key in ("sgd_lr", "adam_lr"):
+        if not getattr(args, key) > 0:
+            p.error(f"--{key.replace('_', '-')} must be > 0")
+    if args.train_subset is not None and args.train_subset < 1:
+        p.error("--train-subset must be >= 1")
     if args.out is None:
-        args.out = f"runs/{args.dataset}"
+        args.out = f"runs/{args.dataset}" + ("-lr-sweep" if args.lr_sweep else "")
     return args
+
+
+def load(args):
+    if args.dataset == "digits":
+        x_train, y_train, x_test, y_test = load_digits()
+        n = args.train_subset
+        return x_train[:n], y_train[:n], x_test, y_test
+    if args.dataset == "fashion-mnist":
+        return load_fashion_mnist(args.data_dir, args.train_subset)
+    try:
+        return load_subset(SUBSET_FILE, args.train_subset)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
 
 
 def main(argv=None):
     args = parse_args(argv)
     from tqdm import tqdm
 
-    if args.dataset == "digits":
-        x_train, y_train, x_test, y_test = load_digits()
-        if args.train_subset is not None:
-            x_train, y_train = (
-                x_train[: args.train_subset],
-                y_train[: args.train_subset],
-            )
-    else:
-        x_train, y_train, x_test, y_test = load_fashion_mnist(
-            args.data_dir, args.train_subset
-        )
+    start = time.perf_counter()
+    x_train, y_train, x_test, y_test = load(args)
     if len(x_train) < args.batch_size:
         sys.exit(
             f"error: --batch-size {args.batch_size} > {len(x_train)} training images"
         )
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    factors = args.lr_sweep or (1.0,)
+    arms = arms_for(args.optimizers)
     print(
         f"{args.dataset}: {len(x_train)} train / {len(x_test)} test images "
-        f"{x_train.shape[1:]}, {args.seeds} seed(s), {args.epochs} epoch(s), "
-        f"batch {args.batch_size}, optimizers {', '.join(args.optimizers)}",
+        f"{x_train.shape[1:]}; CNN width {args.width}, stem stride "
+        f"{args.stem_stride}, hidden {args.hidden}; {args.seeds} seed(s) x "
+        f"{len(arms)} arms ({', '.join(a for a, _, _ in arms)})"
+        + (f" x {len(factors)} learning rates" if args.lr_sweep else "")
+        + f"; {args.epochs} epoch(s), batch {args.batch_size}, {args.schedule} "
+        f"learning rate (sgd {args.sgd_lr:g}, adam {args.adam_lr:g})",
         flush=True,
     )
-
-    arms = []  # (arm name, optimizer name, gc)
-    if "sgd" in args.optimizers:
-        arms += [("sgd", "sgd", False), ("sgd+gc", "sgd", True)]
-    adam_rows = [n for n in args.optimizers if n != "sgd"]
-    if adam_rows:
-        arms.append(("adam", "adam-grad", False))
-        arms += [(f"{n}+gc", n, True) for n in adam_rows]
-
-    model = CNN(width=args.width, stem_stride=1 if args.dataset == "digits" else 2)
     data = tuple(jnp.asarray(a) for a in (x_train, y_train, x_test, y_test))
     seeds = list(range(args.seeds))
-    runs, start = [], time.perf_counter()
-    for arm, name, gc in arms:
-        fns = make_run_fns(model, make_optimizer(name, gc), *data, args.batch_size)
-        for seed in seeds:
-            t0 = time.perf_counter()
-            with tqdm(
-                total=args.epochs,
-                desc=f"{arm:>16} seed {seed}",
-                leave=True,
-                file=sys.stderr,
-                dynamic_ncols=True,
-            ) as bar:
-                history = train_one(fns, seed, args.epochs, len(x_train), bar)
-            runs.append(
-                {
-                    "arm": arm,
-                    "optimizer": name,
-                    "gc": gc,
-                    "seed": seed,
-                    "seconds": round(time.perf_counter() - t0, 2),
-                    "history": history,
-                }
-            )
-
-    summary = summarize(runs, args.optimizers, seeds)
-    table = format_table(summary, len(seeds))
-    print(f"\n{args.dataset}, {time.perf_counter() - start:.0f} s in all\n{table}")
-    config = {k: v for k, v in vars(args).items()}
+    with tqdm(
+        total=len(factors) * len(arms) * args.seeds * args.epochs,
+        desc="epochs",
+        file=sys.stderr,
+        dynamic_ncols=True,
+    ) as progress:
+        runs_by_factor = [
+            train_arms(args, data, factor, progress) for factor in factors
+        ]
+    seconds = time.perf_counter() - start
+    config = dict(vars(args))
     config["hyperparameters"] = {
-        "sgd": {"learning_rate": SGD_LR, "momentum": MOMENTUM, "l2": L2},
-        "adam": {"learning_rate": ADAM_LR, "b1": 0.9, "b2": 0.999, "eps": 1e-8},
+        "sgd": {"learning_rate": args.sgd_lr, "momentum": MOMENTUM, "l2": L2},
+        "adam": {"learning_rate": args.adam_lr, "b1": 0.9, "b2": 0.999, "eps": 1e-8},
+        "schedule": args.schedule,
     }
     config["split"] = {"train": len(x_train), "test": len(x_test)}
-    results = {
-        "config": config,
-        "versions": versions(),
-        "summary": summary,
-        "runs": runs,
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    plot_curves(
-        runs,
-        args.optimizers,
-        out / "curves.png",
-        f"{args.dataset}, {len(x_train)} train images",
-    )
-    print(f"\nwrote {out / 'results.json'} and {out / 'curves.png'}")
+    title = f"{args.dataset}, {len(x_train)} train images, {args.epochs} epochs"
+    results = {"config": config, "versions": versions(), "seconds": round(seconds)}
+    if args.lr_sweep:
+        sweep = summarize_sweep(runs_by_factor, args.optimizers, seeds)
+        table = format_sweep(sweep, len(seeds))
+        results |= {"sweep": sweep, "runs": [r for rs in runs_by_factor for r in rs]}
+        files = ("sweep.json", "lr_sweep.png")
+        plot_sweep(sweep, out / files[1], title)
+    else:
+        (runs,) = runs_by_factor
+        summary = summarize(runs, args.optimizers, seeds)
+        table = format_table(summary, len(seeds))
+        results |= {"summary": summary, "runs": runs}
+        files = ("results.json", "curves.png")
+        plot_curves(runs, args.optimizers, out / files[1], title)
+    (out / files[0]).write_text(json.dumps(results, indent=1))
+    print(f"\n{args.dataset}, {seconds:.0f} s in all\n{table}")
+    print(f"\nwrote {out / files[0]} and {out / files[1]}")
     return results
 
 

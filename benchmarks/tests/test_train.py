@@ -4,10 +4,11 @@ import gzip
 import json
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
-from benchmarks import train
+from benchmarks import make_subset, train
 
 TINY = ["--epochs", "1", "--train-subset", "96", "--batch-size", "32"]
 
@@ -22,19 +23,160 @@ def _check_outputs(out: pathlib.Path, n_runs: int, epochs: int):
         for h in run["history"]:
             assert np.isfinite(h["train_loss"]) and h["train_loss"] > 0
             assert 0.0 <= h["test_acc"] <= 1.0 and 0.0 <= h["train_acc"] <= 1.0
-    png = (out / "curves.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    _check_png(out / "curves.png")
+    return results
+
+
+def _check_png(path):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image
 
-    image = matplotlib.image.imread(out / "curves.png")
+    image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
-    return results
+
+
+# --- the shipped subset -----------------------------------------------------------
+
+
+def test_shipped_subset_loads_with_the_documented_split():
+    x_train, y_train, x_test, y_test = train.load_subset()
+    assert x_train.shape == (10_000, 28, 28, 1) and x_test.shape == (5_000, 28, 28, 1)
+    assert x_train.dtype == np.float32 and y_train.dtype == np.int32
+    assert 0.0 == x_train.min() and x_train.max() == 1.0
+    # Fashion-MNIST's classes are nearly balanced in any large prefix.
+    for labels, n in ((y_train, 10_000), (y_test, 5_000)):
+        counts = np.bincount(labels, minlength=10)
+        assert counts.sum() == n and counts.min() > 0.09 * n
+    x_few, y_few, _, _ = train.load_subset(train_subset=100)
+    np.testing.assert_array_equal(x_few, x_train[:100])
+    np.testing.assert_array_equal(y_few, y_train[:100])
+
+
+def test_missing_subset_says_how_to_restore_it(tmp_path, monkeypatch):
+    missing = tmp_path / "fashion-mnist-10k.npz"
+    with pytest.raises(FileNotFoundError, match="missing") as info:
+        train.load_subset(missing)
+    assert "git checkout" in str(info.value)
+    assert "benchmarks.make_subset" in str(info.value)
+    monkeypatch.setattr(train, "SUBSET_FILE", missing)
+    with pytest.raises(SystemExit) as info:
+        train.main(["--out", str(tmp_path / "out")])
+    assert "missing" in str(info.value) and str(missing) in str(info.value)
+
+
+def test_truncated_subset_is_reported_corrupt(tmp_path):
+    data = train.SUBSET_FILE.read_bytes()
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="is corrupt") as info:
+        train.load_subset(broken)
+    assert "make_subset" in str(info.value)
+
+
+def test_altered_subset_fails_the_checksum(tmp_path):
+    with np.load(train.SUBSET_FILE) as f:
+        arrays = {k: f[k].copy() for k in f.files}
+    arrays["x_test"][17, 3, 5] ^= 1  # one pixel, one bit
+    altered = tmp_path / "altered.npz"
+    np.savez_compressed(altered, **arrays)
+    with pytest.raises(ValueError, match="sha256"):
+        train.load_subset(altered)
+    arrays["x_test"] = arrays["x_test"][:10]
+    np.savez_compressed(altered, **arrays)
+    with pytest.raises(ValueError, match="expected uint8 arrays"):
+        train.load_subset(altered)
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim])
+    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def _fake_official_files(folder, n_train=80, n_test=20):
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    arrays = {
+        "x_train": rng.integers(0, 256, (n_train, 28, 28)),
+        "y_train": rng.integers(0, 10, n_train),
+        "x_test": rng.integers(0, 256, (n_test, 28, 28)),
+        "y_test": rng.integers(0, 10, n_test),
+    }
+    for key, name in train.FASHION_FILES.items():
+        _write_idx(folder / name, arrays[key])
+    return arrays
+
+
+def test_make_subset_round_trips_through_the_checked_loader(tmp_path, monkeypatch):
+    arrays = _fake_official_files(tmp_path / "official")
+    monkeypatch.setattr(train, "SUBSET_SIZES", {"train": 50, "test": 8})
+    out = tmp_path / "subset.npz"
+    sha = make_subset.build(str(tmp_path / "official"), out)
+    monkeypatch.setattr(train, "SUBSET_SHA256", sha)
+    x_train, y_train, x_test, y_test = train.load_subset(out)
+    np.testing.assert_array_equal(y_train, arrays["y_train"][:50])
+    np.testing.assert_array_equal(y_test, arrays["y_test"][:8])
+    np.testing.assert_allclose(x_test[..., 0], arrays["x_test"][:8] / 255.0, 1e-6)
+
+
+@pytest.mark.skipif(
+    not pathlib.Path(train.FASHION_DIR, train.FASHION_FILES["x_train"]).is_file(),
+    reason="needs the Debian package dataset-fashion-mnist",
+)
+def test_shipped_subset_is_the_official_prefix(tmp_path):
+    sha = make_subset.build(train.FASHION_DIR, tmp_path / "rebuilt.npz")
+    assert sha == train.SUBSET_SHA256
+
+
+# --- runs -------------------------------------------------------------------------
+
+
+def test_default_dataset_tiny_run_all_arms(tmp_path, capsys):
+    out = tmp_path / "default"
+    args = ["--seeds", "2", "--epochs", "1", "--train-subset", "128"]
+    results = train.main(args + ["--batch-size", "64", "--out", str(out)])
+    printed = capsys.readouterr().out
+    for name in train.OPTIMIZERS:
+        assert f"| {name} |" in printed
+    results = _check_outputs(out, n_runs=2 * 5, epochs=1)
+    assert results["config"]["split"] == {"train": 128, "test": 5000}
+    runs = results["runs"]
+    assert {r["arm"] for r in runs} == {
+        "sgd",
+        "sgd+gc",
+        "adam",
+        "adam-grad+gc",
+        "adam-update+gc",
+    }
+    # Every arm of a seed starts from the same parameters and sees the same
+    # batches; the seeds differ in both.
+    for key in ("init_sha256", "data_order_sha256"):
+        by_seed = [{r[key] for r in runs if r["seed"] == s} for s in (0, 1)]
+        assert len(by_seed[0]) == 1 and len(by_seed[1]) == 1
+        assert by_seed[0] != by_seed[1]
+    final = {(r["arm"], r["seed"]): r["history"][-1]["train_loss"] for r in runs}
+    assert final[("sgd", 0)] != final[("sgd+gc", 0)]
+    assert final[("adam-grad+gc", 0)] != final[("adam-update+gc", 0)]
+
+
+def test_arms_really_start_from_the_same_parameters():
+    x = train.load_subset(train_subset=64)
+    args = train.parse_args(["--batch-size", "32", "--epochs", "1"])
+    model = train.CNN(width=args.width, stem_stride=args.stem_stride)
+    inits = []
+    for _, name, gc in train.arms_for(args.optimizers):
+        tx = train.make_optimizer(name, gc, 0.1)
+        init, _, _ = train.make_run_fns(model, tx, *x, 32)
+        inits.append(init(jax.random.key(3))[0])
+    for other in inits[1:]:
+        jax.tree.map(np.testing.assert_array_equal, inits[0], other)
 
 
 def test_digits_end_to_end(tmp_path, capsys):
     out = tmp_path / "digits"
-    args = ["--seeds", "2", "--optimizers", "sgd,adam-update", "--out", str(out)]
-    results = train.main(args + TINY)
+    args = ["--dataset", "digits", "--seeds", "2", "--optimizers", "sgd,adam-update"]
+    results = train.main(args + ["--out", str(out)] + TINY)
     printed = capsys.readouterr().out
     assert "| sgd |" in printed and "| adam-update |" in printed
     results = _check_outputs(out, n_runs=2 * 4, epochs=1)
@@ -47,64 +189,51 @@ def test_digits_end_to_end(tmp_path, capsys):
     assert set(results["summary"]) == {"sgd", "adam-update"}
     row = results["summary"]["sgd"]["test_acc"]
     assert row["diff_se"] >= 0 and np.isfinite(row["diff_mean"])
-    # GC and baseline really differ; seeds really differ.
-    final = {
-        (r["arm"], r["seed"]): r["history"][-1]["train_loss"] for r in results["runs"]
-    }
-    assert final[("sgd", 0)] != final[("sgd+gc", 0)]
-    assert final[("sgd", 0)] != final[("sgd", 1)]
 
 
 def test_same_seed_same_numbers(tmp_path):
-    args = ["--seeds", "1", "--optimizers", "adam-grad"] + TINY
-    a = train.main(args + ["--out", str(tmp_path / "a")])
-    b = train.main(args + ["--out", str(tmp_path / "b")])
-    assert [r["history"] for r in a["runs"]] == [r["history"] for r in b["runs"]]
+    args = ["--dataset", "digits", "--optimizers", "adam-grad"] + TINY
+    a = train.main(args + ["--seeds", "1", "--out", str(tmp_path / "a")])
+    b = train.main(args + ["--seeds", "2", "--out", str(tmp_path / "b")])
+    assert b["runs"][0]["history"] == a["runs"][0]["history"]  # seed 0, adam
+    assert b["runs"][1]["history"] == a["runs"][1]["history"]  # seed 0, GC
+    assert b["runs"][2]["history"] != a["runs"][0]["history"]  # seed 1
 
 
-def _write_idx(path, array):
-    header = bytes([0, 0, 0x08, array.ndim])
-    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
+def test_constant_schedule_differs_from_cosine(tmp_path):
+    args = ["--dataset", "digits", "--seeds", "1", "--optimizers", "sgd"] + TINY
+    cosine = train.main(args + ["--out", str(tmp_path / "a")])
+    constant = train.main(
+        args + ["--out", str(tmp_path / "b"), "--schedule", "constant"]
+    )
+    assert cosine["runs"][0]["history"] != constant["runs"][0]["history"]
+
+
+def test_lr_sweep_writes_one_row_per_rate_and_a_figure(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["--dataset", "digits", "--seeds", "2", "--optimizers", "sgd"]
+    results = train.main(args + TINY + ["--lr-sweep", "0.5,2", "--out", str(out)])
+    assert json.loads((out / "sweep.json").read_text())["sweep"] == results["sweep"]
+    _check_png(out / "lr_sweep.png")
+    rates = {
+        n: [row["learning_rate"] for row in rows]
+        for n, rows in results["sweep"].items()
+    }
+    assert rates == {"sgd": [0.5 * train.SGD_LR, 2 * train.SGD_LR]}
+    assert len(results["runs"]) == 2 * 2 * 2  # rates x seeds x arms
+    assert "| sgd | 0.025 |" in capsys.readouterr().out
 
 
 def test_fashion_mnist_from_idx_files(tmp_path):
-    rng = np.random.default_rng(0)
-    data = tmp_path / "fmnist"
-    data.mkdir()
-    arrays = {
-        "x_train": rng.integers(0, 256, (80, 28, 28)),
-        "y_train": rng.integers(0, 10, 80),
-        "x_test": rng.integers(0, 256, (20, 28, 28)),
-        "y_test": rng.integers(0, 10, 20),
-    }
-    for key, name in train.FASHION_FILES.items():
-        _write_idx(data / name, arrays[key])
+    arrays = _fake_official_files(tmp_path / "fmnist")
     np.testing.assert_array_equal(
-        train.read_idx(data / train.FASHION_FILES["x_test"]), arrays["x_test"]
+        train.read_idx(tmp_path / "fmnist" / train.FASHION_FILES["x_test"]),
+        arrays["x_test"],
     )
     out = tmp_path / "out"
-    train.main(
-        [
-            "--dataset",
-            "fashion-mnist",
-            "--data-dir",
-            str(data),
-            "--seeds",
-            "1",
-            "--epochs",
-            "2",
-            "--optimizers",
-            "sgd",
-            "--train-subset",
-            "64",
-            "--batch-size",
-            "32",
-            "--out",
-            str(out),
-        ]
-    )
+    args = ["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "fmnist")]
+    args += ["--seeds", "1", "--epochs", "2", "--optimizers", "sgd"]
+    train.main(args + ["--train-subset", "64", "--batch-size", "32", "--out", str(out)])
     results = _check_outputs(out, n_runs=2, epochs=2)
     assert results["config"]["split"] == {"train": 64, "test": 20}
 
@@ -117,7 +246,17 @@ def test_missing_fashion_mnist_names_package_and_flag(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "bad", [["--optimizers", "rmsprop"], ["--epochs", "0"], ["--seeds", "0"]]
+    "bad",
+    [
+        ["--optimizers", "rmsprop"],
+        ["--epochs", "0"],
+        ["--seeds", "0"],
+        ["--stem-stride", "0"],
+        ["--sgd-lr", "0"],
+        ["--lr-sweep", "1,x"],
+        ["--lr-sweep", "0,1"],
+        ["--train-subset", "0"],
+    ],
 )
 def test_bad_options_exit_with_usage_error(bad, capsys):
     with pytest.raises(SystemExit) as info:
