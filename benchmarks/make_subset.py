@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
 
 import numpy as np
 
@@ -24,6 +25,15 @@ from benchmarks import train
 
 
 def build(data_dir: str, out: pathlib.Path) -> str:
+    """Writes the subset of the official files in ``data_dir`` to ``out``.
+
+    Args:
+        data_dir: the folder of the four official IDX ``.gz`` files.
+        out: the ``.npz`` to write.
+
+    Returns:
+        The sha256 of the subset's arrays (``benchmarks.train.arrays_sha256``).
+    """
     root = pathlib.Path(data_dir)
     arrays = {k: train.read_idx(root / name) for k, name in train.FASHION_FILES.items()}
     n_train, n_test = train.SUBSET_SIZES["train"], train.SUBSET_SIZES["test"]
@@ -42,12 +52,29 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.make_subset")
     p.add_argument("--data-dir", default=train.FASHION_DIR)
     p.add_argument("--out", type=pathlib.Path, default=train.SUBSET_FILE)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write --out even if the contents differ from the recorded sha256",
+    )
     args = p.parse_args(argv)
-    sha = build(args.data_dir, args.out)
-    status = "matches" if sha == train.SUBSET_SHA256 else "DIFFERS from"
+    staged = args.out.with_name(args.out.name + ".new.npz")
+    try:
+        sha = build(args.data_dir, staged)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if sha != train.SUBSET_SHA256 and not args.force:
+        staged.unlink()
+        sys.exit(
+            f"error: the subset of {args.data_dir} has sha256 {sha}, not the "
+            f"recorded {train.SUBSET_SHA256}; {args.out} is left as it was "
+            f"(--force writes it anyway)"
+        )
+    staged.replace(args.out)
     print(
         f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB); contents "
-        f"sha256 {sha} {status} benchmarks.train.SUBSET_SHA256"
+        f"sha256 {sha}"
+        + (" (as recorded)" if sha == train.SUBSET_SHA256 else " (NOT as recorded)")
     )
 
 

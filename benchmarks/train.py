@@ -120,10 +120,24 @@ def load_digits():
 
 
 def read_idx(path: pathlib.Path) -> np.ndarray:
-    """Reads one gzipped IDX file (unsigned bytes) into an array."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    if data[:2] != b"\x00\x00" or data[2] != 0x08:
+    """Reads one gzipped IDX file of unsigned bytes.
+
+    Args:
+        path: an IDX file compressed with gzip, as Fashion-MNIST ships them.
+
+    Returns:
+        The uint8 array, in the shape the file's header gives.
+
+    Raises:
+        ValueError: naming ``path``, if it is not a gzipped unsigned-byte IDX
+            file or holds fewer or more values than its header says.
+    """
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable gzip file ({e})") from e
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
         raise ValueError(f"{path}: not an unsigned-byte IDX file")
     ndim = data[3]
     shape = tuple(
@@ -156,18 +170,35 @@ def _scale(arrays, n_train=None):
 
 
 def load_subset(path: pathlib.Path = SUBSET_FILE, train_subset: int | None = None):
-    """The shipped Fashion-MNIST subset, checked against its recorded sha256."""
+    """Loads the shipped Fashion-MNIST subset, checked against its sha256.
+
+    Args:
+        path: the ``.npz`` file (default: the one shipped in ``benchmarks/data``).
+        train_subset: keep only the first N training images (default: all).
+
+    Returns:
+        ``(x_train, y_train, x_test, y_test)``: float32 images in [0, 1] of shape
+        ``(N, 28, 28, 1)`` and int32 labels.
+
+    Raises:
+        FileNotFoundError: if ``path`` is missing; the message says how to
+            restore it.
+        ValueError: if ``path`` is not the recorded subset (not an ``.npz``,
+            other arrays, or contents whose sha256 differs).
+    """
     path = pathlib.Path(path)
     rebuild = (
         f"Restore it with `git checkout -- {path.name}` in {path.parent}, or "
         f"rebuild it from the official files with `python -m benchmarks."
         f"make_subset` (Debian package dataset-fashion-mnist)."
     )
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
             f"the Fashion-MNIST subset {path} is missing; it ships with the "
             f"repository. {rebuild}"
         )
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is corrupt: not an .npz (zip) file. {rebuild}")
     try:
         with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
             arrays = {key: f[key] for key in f.files}
@@ -179,7 +210,7 @@ def load_subset(path: pathlib.Path = SUBSET_FILE, train_subset: int | None = Non
         "x_test": (SUBSET_SIZES["test"], 28, 28),
         "y_test": (SUBSET_SIZES["test"],),
     }
-    got = {k: (a.shape, a.dtype) for k, a in arrays.items()}
+    got = {k: (np.shape(a), getattr(a, "dtype", type(a))) for k, a in arrays.items()}
     if got != {k: (s, np.dtype(np.uint8)) for k, s in expected.items()}:
         raise ValueError(
             f"{path} is corrupt: expected uint8 arrays {expected}, found {got}. "
@@ -204,7 +235,19 @@ def load_fashion_mnist(data_dir: str, train_subset: int | None):
             f"them in {FASHION_DIR}) or pass --data-dir pointing at the four IDX "
             f".gz files. The default dataset, fashion-mnist-10k, needs neither."
         )
-    arrays = {k: read_idx(root / name) for k, name in FASHION_FILES.items()}
+    try:
+        arrays = {k: read_idx(root / name) for k, name in FASHION_FILES.items()}
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim != 3 or x.shape[1:] != (28, 28) or len(x) != len(y):
+            sys.exit(
+                f"error: {root}: {split} images {x.shape} and labels {y.shape} do "
+                f"not form a Fashion-MNIST split"
+            )
+        if y.max(initial=0) > 9:
+            sys.exit(f"error: {root}: {split} labels outside 0..9")
     return _scale(arrays, train_subset)
 
 
@@ -239,10 +282,14 @@ def make_schedule(kind: str, peak: float, total_steps: int):
 
 
 def make_run_fns(model, tx, x_train, y_train, x_test, y_test, batch_size):
-    """Jitted (init, one epoch, evaluate) for one optimizer; reused over seeds."""
+    """Jitted (init, one epoch, evaluate) for one optimizer; reused over seeds.
+
+    An epoch is ``len(x_train) // batch_size`` steps over a fresh permutation:
+    the last partial batch is left out of that epoch (a different one each
+    epoch). Evaluation covers every test image.
+    """
     steps = len(x_train) // batch_size
-    eval_chunk = min(len(x_test), 1000)
-    n_eval = len(x_test) // eval_chunk * eval_chunk
+    n_test = len(x_test)
 
     def loss_fn(params, batch_stats, x, y):
         logits, updates = model.apply(
@@ -290,13 +337,13 @@ def make_run_fns(model, tx, x_train, y_train, x_test, y_test, batch_size):
 
     def evaluate(params, batch_stats):
         loss, correct = 0.0, 0
-        for i in range(0, n_eval, eval_chunk):
-            chunk = slice(i, i + eval_chunk)
+        for i in range(0, n_test, 1000):  # the last chunk may be shorter
+            chunk = slice(i, i + 1000)
             chunk_loss, chunk_correct = eval_chunk_fn(
                 params, batch_stats, x_test[chunk], y_test[chunk]
             )
             loss, correct = loss + chunk_loss, correct + chunk_correct
-        return loss / n_eval, correct / n_eval
+        return loss / n_test, correct / n_test
 
     return init, train_epoch, evaluate
 
@@ -400,13 +447,13 @@ def train_arms(args, data, factor=1.0, progress=None):
 def _stats(base, gc):
     base, gc = np.asarray(base), np.asarray(gc)
     diff, n = gc - base, len(base)
-    return {
+    return {  # spreads need two seeds: None (null in results.json) with one
         "baseline_mean": float(base.mean()),
-        "baseline_std": float(base.std(ddof=1)) if n > 1 else 0.0,
+        "baseline_std": float(base.std(ddof=1)) if n > 1 else None,
         "gc_mean": float(gc.mean()),
-        "gc_std": float(gc.std(ddof=1)) if n > 1 else 0.0,
+        "gc_std": float(gc.std(ddof=1)) if n > 1 else None,
         "diff_mean": float(diff.mean()),
-        "diff_se": float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+        "diff_se": float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
     }
 
 
@@ -425,16 +472,21 @@ def summarize(runs, optimizers, seeds):
     return summary
 
 
+def _pm(mean, spread, scale, fmt):
+    text = format(scale * mean, fmt)
+    return text if spread is None else f"{text} ± {scale * spread:.{fmt[-2:]}}"
+
+
 def _cells(row):
-    loss, acc = row["train_loss"], row["test_acc"]
-    return (
-        f"| {loss['baseline_mean']:.4f} ± {loss['baseline_std']:.4f} "
-        f"| {loss['gc_mean']:.4f} ± {loss['gc_std']:.4f} "
-        f"| {loss['diff_mean']:+.4f} ± {loss['diff_se']:.4f} "
-        f"| {100 * acc['baseline_mean']:.2f} ± {100 * acc['baseline_std']:.2f} "
-        f"| {100 * acc['gc_mean']:.2f} ± {100 * acc['gc_std']:.2f} "
-        f"| {100 * acc['diff_mean']:+.2f} ± {100 * acc['diff_se']:.2f} |"
-    )
+    cells = []
+    for metric, scale, digits in (("train_loss", 1, ".4f"), ("test_acc", 100, ".2f")):
+        stats = row[metric]
+        cells += [
+            _pm(stats["baseline_mean"], stats["baseline_std"], scale, digits),
+            _pm(stats["gc_mean"], stats["gc_std"], scale, digits),
+            _pm(stats["diff_mean"], stats["diff_se"], scale, "+" + digits),
+        ]
+    return "| " + " | ".join(cells) + " |"
 
 
 HEAD = (
@@ -448,7 +500,8 @@ def format_table(summary, n_seeds):
     lines += [f"| {name} " + _cells(row) for name, row in summary.items()]
     lines.append(
         f"\nmean ± std over {n_seeds} seed(s); GC - baseline: mean of the per-seed "
-        f"paired differences ± its standard error. Final epoch."
+        f"paired differences ± its standard error. Final epoch; train loss is "
+        f"the mean minibatch loss over that epoch (training mode)."
     )
     return "\n".join(lines)
 
@@ -473,7 +526,8 @@ def plot_curves(runs, optimizers, path, title):
                 values = np.array([[h[metric] for h in run] for run in hist])
                 if metric == "test_acc":
                     values = 100 * values
-                mean, std = values.mean(0), values.std(0)
+                mean = values.mean(0)
+                std = values.std(0, ddof=1) if len(values) > 1 else 0 * mean
                 ax = axes[row, col]
                 ax.plot(epochs, mean, color=color, label=label, marker=".")
                 ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2)
@@ -534,7 +588,7 @@ def plot_sweep(sweep, path, title):
                 ("gc", "GC", "tab:red"),
             ):
                 mean = [scale * row[metric][f"{arm}_mean"] for row in rows]
-                std = [scale * row[metric][f"{arm}_std"] for row in rows]
+                std = [scale * (row[metric][f"{arm}_std"] or 0) for row in rows]
                 ax.errorbar(lrs, mean, yerr=std, color=color, label=label, marker="o")
             ax.set_xscale("log")
             ax.set_xlabel("peak learning rate")
@@ -552,6 +606,17 @@ def plot_sweep(sweep, path, title):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _finite(tree):
+    """NaN/inf (a diverged run) as null: results.json stays valid JSON."""
+    if isinstance(tree, dict):
+        return {k: _finite(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [_finite(v) for v in tree]
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return None
+    return tree
 
 
 def versions():
@@ -579,7 +644,7 @@ def _floats(text):
         raise argparse.ArgumentTypeError(
             f"not comma-separated numbers: {text!r}"
         ) from None
-    if not values or min(values) <= 0:
+    if not values or not all(v > 0 and math.isfinite(v) for v in values):
         raise argparse.ArgumentTypeError(f"need positive numbers: {text!r}")
     return values
 
@@ -650,14 +715,17 @@ def parse_args(argv=None):
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     bad = [n for n in names if n not in OPTIMIZERS]
     if bad or not names:
-        p.error(f"--optimizers: unknown {bad}; choose from {', '.join(OPTIMIZERS)}")
+        p.error(
+            f"--optimizers: {'unknown ' + ', '.join(bad) if bad else 'none given'}; "
+            f"choose from {', '.join(OPTIMIZERS)}"
+        )
     args.optimizers = [n for n in OPTIMIZERS if n in names]
     for key in ("epochs", "seeds", "batch_size", "width", "stem_stride", "hidden"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
     for key in ("sgd_lr", "adam_lr"):
-        if not getattr(args, key) > 0:
-            p.error(f"--{key.replace('_', '-')} must be > 0")
+        if not (getattr(args, key) > 0 and math.isfinite(getattr(args, key))):
+            p.error(f"--{key.replace('_', '-')} must be a positive number")
     if args.train_subset is not None and args.train_subset < 1:
         p.error("--train-subset must be >= 1")
     if args.out is None:
@@ -666,16 +734,24 @@ def parse_args(argv=None):
 
 
 def load(args):
+    """The dataset's four arrays, the training images cut to --train-subset."""
     if args.dataset == "digits":
-        x_train, y_train, x_test, y_test = load_digits()
-        n = args.train_subset
-        return x_train[:n], y_train[:n], x_test, y_test
-    if args.dataset == "fashion-mnist":
-        return load_fashion_mnist(args.data_dir, args.train_subset)
-    try:
-        return load_subset(SUBSET_FILE, args.train_subset)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        arrays = load_digits()
+    elif args.dataset == "fashion-mnist":
+        arrays = load_fashion_mnist(args.data_dir, None)
+    else:
+        try:
+            arrays = load_subset(SUBSET_FILE)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
+    x_train, y_train, x_test, y_test = arrays
+    n = args.train_subset
+    if n is not None and n > len(x_train):
+        sys.exit(
+            f"error: --train-subset {n} > the {len(x_train)} training images of "
+            f"{args.dataset}"
+        )
+    return x_train[:n], y_train[:n], x_test, y_test
 
 
 def main(argv=None):
@@ -688,8 +764,17 @@ def main(argv=None):
         sys.exit(
             f"error: --batch-size {args.batch_size} > {len(x_train)} training images"
         )
+    side = -(-x_train.shape[1] // args.stem_stride) // 4  # after the two pools
+    if side < 1:
+        sys.exit(
+            f"error: --stem-stride {args.stem_stride} leaves nothing of "
+            f"{x_train.shape[1]}x{x_train.shape[2]} images after two 2x2 pools"
+        )
     out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: --out {out}: {e}")
     factors = args.lr_sweep or (1.0,)
     arms = arms_for(args.optimizers)
     print(
@@ -736,7 +821,7 @@ def main(argv=None):
         results |= {"summary": summary, "runs": runs}
         files = ("results.json", "curves.png")
         plot_curves(runs, args.optimizers, out / files[1], title)
-    (out / files[0]).write_text(json.dumps(results, indent=1))
+    (out / files[0]).write_text(json.dumps(_finite(results), indent=1))
     print(f"\n{args.dataset}, {seconds:.0f} s in all\n{table}")
     print(f"\nwrote {out / files[0]} and {out / files[1]}")
     return results

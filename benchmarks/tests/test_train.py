@@ -4,7 +4,6 @@ import gzip
 import json
 import pathlib
 
-import jax
 import numpy as np
 import pytest
 
@@ -73,6 +72,26 @@ def test_truncated_subset_is_reported_corrupt(tmp_path):
     assert "make_subset" in str(info.value)
 
 
+@pytest.mark.parametrize("kind", ["directory", "npy", "empty", "plain zip"])
+def test_other_files_at_the_subset_path_are_reported_corrupt(tmp_path, kind):
+    path = tmp_path / "fashion-mnist-10k.npz"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "npy":
+        np.save(tmp_path / "a.npy", np.zeros(3))
+        (tmp_path / "a.npy").rename(path)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    else:
+        import zipfile
+
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("x_train.txt", "not an array")
+    with pytest.raises(ValueError, match="is corrupt") as info:
+        train.load_subset(path)
+    assert str(path) in str(info.value) and "git checkout" in str(info.value)
+
+
 def test_altered_subset_fails_the_checksum(tmp_path):
     with np.load(train.SUBSET_FILE) as f:
         arrays = {k: f[k].copy() for k in f.files}
@@ -94,7 +113,7 @@ def _write_idx(path, array):
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-def _fake_official_files(folder, n_train=80, n_test=20):
+def _fake_official_files(folder, n_train=80, n_test=1003):
     rng = np.random.default_rng(0)
     folder.mkdir()
     arrays = {
@@ -112,12 +131,19 @@ def test_make_subset_round_trips_through_the_checked_loader(tmp_path, monkeypatc
     arrays = _fake_official_files(tmp_path / "official")
     monkeypatch.setattr(train, "SUBSET_SIZES", {"train": 50, "test": 8})
     out = tmp_path / "subset.npz"
-    sha = make_subset.build(str(tmp_path / "official"), out)
+    official = ["--data-dir", str(tmp_path / "official"), "--out", str(out)]
+    with pytest.raises(SystemExit, match="not the recorded") as info:
+        make_subset.main(official)  # other data than recorded: nothing written
+    assert not out.exists() and list(tmp_path.glob("*.npz")) == []
+    make_subset.main([*official, "--force"])
+    sha = train.arrays_sha256(dict(np.load(out)))
+    assert sha == make_subset.build(str(tmp_path / "official"), tmp_path / "b.npz")
     monkeypatch.setattr(train, "SUBSET_SHA256", sha)
     x_train, y_train, x_test, y_test = train.load_subset(out)
     np.testing.assert_array_equal(y_train, arrays["y_train"][:50])
     np.testing.assert_array_equal(y_test, arrays["y_test"][:8])
     np.testing.assert_allclose(x_test[..., 0], arrays["x_test"][:8] / 255.0, 1e-6)
+    assert "the recorded" in str(info.value)
 
 
 @pytest.mark.skipif(
@@ -158,19 +184,13 @@ def test_default_dataset_tiny_run_all_arms(tmp_path, capsys):
     final = {(r["arm"], r["seed"]): r["history"][-1]["train_loss"] for r in runs}
     assert final[("sgd", 0)] != final[("sgd+gc", 0)]
     assert final[("adam-grad+gc", 0)] != final[("adam-update+gc", 0)]
-
-
-def test_arms_really_start_from_the_same_parameters():
-    x = train.load_subset(train_subset=64)
-    args = train.parse_args(["--batch-size", "32", "--epochs", "1"])
-    model = train.CNN(width=args.width, stem_stride=args.stem_stride)
-    inits = []
-    for _, name, gc in train.arms_for(args.optimizers):
-        tx = train.make_optimizer(name, gc, 0.1)
-        init, _, _ = train.make_run_fns(model, tx, *x, 32)
-        inits.append(init(jax.random.key(3))[0])
-    for other in inits[1:]:
-        jax.tree.map(np.testing.assert_array_equal, inits[0], other)
+    # The summary pairs each GC arm with its own seed's baseline.
+    acc = {(r["arm"], r["seed"]): r["history"][-1]["test_acc"] for r in runs}
+    for name, base in (("sgd", "sgd"), ("adam-update", "adam")):
+        diffs = [acc[(f"{name}+gc", s)] - acc[(base, s)] for s in (0, 1)]
+        row = results["summary"][name]["test_acc"]
+        assert row["diff_mean"] == pytest.approx(np.mean(diffs))
+        assert row["diff_se"] == pytest.approx(np.std(diffs, ddof=1) / np.sqrt(2))
 
 
 def test_digits_end_to_end(tmp_path, capsys):
@@ -235,7 +255,12 @@ def test_fashion_mnist_from_idx_files(tmp_path):
     args += ["--seeds", "1", "--epochs", "2", "--optimizers", "sgd"]
     train.main(args + ["--train-subset", "64", "--batch-size", "32", "--out", str(out)])
     results = _check_outputs(out, n_runs=2, epochs=2)
-    assert results["config"]["split"] == {"train": 64, "test": 20}
+    assert results["config"]["split"] == {"train": 64, "test": 1003}
+    for run in results["runs"]:  # every test image scored, not 1,000 of them
+        correct = run["history"][-1]["test_acc"] * 1003
+        assert correct == pytest.approx(round(correct), abs=1e-6)
+    # One seed: no spread to report.
+    assert results["summary"]["sgd"]["test_acc"]["diff_se"] is None
 
 
 def test_missing_fashion_mnist_names_package_and_flag(tmp_path):
@@ -256,6 +281,9 @@ def test_missing_fashion_mnist_names_package_and_flag(tmp_path):
         ["--lr-sweep", "1,x"],
         ["--lr-sweep", "0,1"],
         ["--train-subset", "0"],
+        ["--lr-sweep", "nan"],
+        ["--adam-lr", "inf"],
+        ["--optimizers", ","],
     ],
 )
 def test_bad_options_exit_with_usage_error(bad, capsys):
@@ -263,3 +291,16 @@ def test_bad_options_exit_with_usage_error(bad, capsys):
         train.parse_args(bad)
     assert info.value.code == 2
     assert bad[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--train-subset", "20000"], "--train-subset 20000 > the 10000"),
+        (["--stem-stride", "16"], "--stem-stride 16 leaves nothing"),
+        (["--dataset", "digits", "--batch-size", "5000"], "--batch-size 5000 >"),
+    ],
+)
+def test_options_the_data_cannot_meet_exit_with_a_message(bad, message, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        train.main(bad + ["--out", str(tmp_path)])
