@@ -102,6 +102,11 @@ OPTIMIZERS = ("sgd", "adam-grad", "adam-update")
 SGD_LR, MOMENTUM, L2 = 0.05, 0.9, 5e-4
 ADAM_LR = 1e-3
 SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+TITLES = {
+    "sgd": "SGD, momentum 0.9, L2 5e-4",
+    "adam-grad": "Adam, GC on the gradient",
+    "adam-update": "Adam, GC on the update",
+}
 
 
 # --- data --------------------------------------------------------------------
@@ -537,7 +542,7 @@ def plot_curves(runs, optimizers, path, title):
                 )
                 if metric == "train_loss":
                     ax.set_yscale("log")
-                    ax.set_title(name)
+                    ax.set_title(TITLES[name])
                 ax.grid(alpha=0.3)
                 ax.legend()
     fig.suptitle(f"{title}: mean ± std over seeds")
@@ -599,7 +604,7 @@ def plot_sweep(sweep, path, title):
             )
             if metric == "train_loss":
                 ax.set_yscale("log")
-                ax.set_title(name)
+                ax.set_title(TITLES[name])
             ax.grid(alpha=0.3)
             ax.legend()
     fig.suptitle(f"{title}: mean ± std over seeds, final epoch")
