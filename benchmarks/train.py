@@ -596,6 +596,8 @@ def plot_sweep(sweep, path, title):
                 std = [scale * (row[metric][f"{arm}_std"] or 0) for row in rows]
                 ax.errorbar(lrs, mean, yerr=std, color=color, label=label, marker="o")
             ax.set_xscale("log")
+            ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+            ax.minorticks_off()
             ax.set_xlabel("peak learning rate")
             ax.set_ylabel(
                 {"train_loss": "final train loss", "test_acc": "test accuracy %"}[
