@@ -257,8 +257,8 @@ def test_fashion_mnist_from_idx_files(tmp_path):
     results = _check_outputs(out, n_runs=2, epochs=2)
     assert results["config"]["split"] == {"train": 64, "test": 1003}
     for run in results["runs"]:  # every test image scored, not 1,000 of them
-        correct = run["history"][-1]["test_acc"] * 1003
-        assert correct == pytest.approx(round(correct), abs=1e-6)
+        correct = run["history"][-1]["test_acc"] * 1003  # a float32 ratio
+        assert correct == pytest.approx(round(correct), abs=1e-3)
     # One seed: no spread to report.
     assert results["summary"]["sgd"]["test_acc"]["diff_se"] is None
 
