@@ -511,23 +511,49 @@ def format_table(summary, n_seeds):
     return "\n".join(lines)
 
 
-def plot_curves(runs, optimizers, path, title):
+YLABELS = {"train_loss": "train loss", "test_acc": "test accuracy %"}
+ARM_STYLES = (("baseline", "tab:gray"), ("GC", "tab:red"))
+
+
+def _figure(names):
+    """A (plt, figure, axes) grid: train loss above test accuracy, a column each."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(
-        2, len(optimizers), figsize=(4.2 * len(optimizers), 6.5), squeeze=False
+        2, len(names), figsize=(4.2 * len(names), 6.5), squeeze=False
     )
+    return plt, fig, axes
+
+
+def _finish(plt, fig, axes, names, xlabel, path, title):
+    for col, name in enumerate(names):
+        for row, metric in enumerate(YLABELS):
+            ax = axes[row, col]
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(YLABELS[metric])
+            if metric == "train_loss":
+                ax.set_yscale("log")
+                ax.set_title(TITLES[name])
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(runs, optimizers, path, title):
+    """Per optimizer, baseline and GC per epoch: mean and a ±std band over seeds."""
+    plt, fig, axes = _figure(optimizers)
     for col, name in enumerate(optimizers):
-        for arm, label, color in (
-            (base_arm(name), "baseline", "tab:gray"),
-            (f"{name}+gc", "GC", "tab:red"),
-        ):
+        arms = (base_arm(name), f"{name}+gc")
+        for arm, (label, color) in zip(arms, ARM_STYLES, strict=True):
             hist = [r["history"] for r in runs if r["arm"] == arm]
             epochs = np.arange(1, len(hist[0]) + 1)
-            for row, metric in enumerate(("train_loss", "test_acc")):
+            for row, metric in enumerate(YLABELS):
                 values = np.array([[h[metric] for h in run] for run in hist])
                 if metric == "test_acc":
                     values = 100 * values
@@ -536,19 +562,9 @@ def plot_curves(runs, optimizers, path, title):
                 ax = axes[row, col]
                 ax.plot(epochs, mean, color=color, label=label, marker=".")
                 ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2)
-                ax.set_xlabel("epoch")
-                ax.set_ylabel(
-                    {"train_loss": "train loss", "test_acc": "test accuracy %"}[metric]
-                )
-                if metric == "train_loss":
-                    ax.set_yscale("log")
-                    ax.set_title(TITLES[name])
-                ax.grid(alpha=0.3)
-                ax.legend()
-    fig.suptitle(f"{title}: mean ± std over seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(
+        plt, fig, axes, optimizers, "epoch", path, f"{title}: mean ± std over seeds"
+    )
 
 
 def summarize_sweep(runs_by_factor, optimizers, seeds):
@@ -575,44 +591,22 @@ def format_sweep(sweep, n_seeds):
 
 
 def plot_sweep(sweep, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(
-        2, len(sweep), figsize=(4.2 * len(sweep), 6.5), squeeze=False
-    )
-    for col, (name, rows) in enumerate(sweep.items()):
+    """Per optimizer, baseline and GC at the last epoch against the learning rate."""
+    plt, fig, axes = _figure(list(sweep))
+    for col, rows in enumerate(sweep.values()):
         lrs = [row["learning_rate"] for row in rows]
-        for row_i, metric in enumerate(("train_loss", "test_acc")):
+        for row_i, metric in enumerate(YLABELS):
             ax = axes[row_i, col]
             scale = 100 if metric == "test_acc" else 1
-            for arm, label, color in (
-                ("baseline", "baseline", "tab:gray"),
-                ("gc", "GC", "tab:red"),
-            ):
+            for arm, (label, color) in zip(("baseline", "gc"), ARM_STYLES, strict=True):
                 mean = [scale * row[metric][f"{arm}_mean"] for row in rows]
                 std = [scale * (row[metric][f"{arm}_std"] or 0) for row in rows]
                 ax.errorbar(lrs, mean, yerr=std, color=color, label=label, marker="o")
             ax.set_xscale("log")
             ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
             ax.minorticks_off()
-            ax.set_xlabel("peak learning rate")
-            ax.set_ylabel(
-                {"train_loss": "final train loss", "test_acc": "test accuracy %"}[
-                    metric
-                ]
-            )
-            if metric == "train_loss":
-                ax.set_yscale("log")
-                ax.set_title(TITLES[name])
-            ax.grid(alpha=0.3)
-            ax.legend()
-    fig.suptitle(f"{title}: mean ± std over seeds, final epoch")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    title = f"{title}: last epoch, mean ± std over seeds"
+    _finish(plt, fig, axes, list(sweep), "peak learning rate", path, title)
 
 
 def _finite(tree):
