@@ -8,6 +8,7 @@ import jax
 import optax
 
 from optax_gc._axes import DEFAULT_OUTPUT_AXES, OutputAxes, make_leaf_rule
+from optax_gc._recompute import centralized_update
 from optax_gc._transform import centralize_tree, check_partition_specs
 
 Location: TypeAlias = Literal["gradient", "update"]
@@ -153,12 +154,16 @@ def place_gc(
 
     def update_fn(updates, state, params=None, **extra_args):
         if before:
-            updates = gc(updates)
-        else:
-            _check_no_line_search(state, where)
-        updates, state = inner.update(updates, state, params, **extra_args)
-        if not before:
-            updates = gc(updates)
-        return updates, state
+            return inner.update(gc(updates), state, params, **extra_args)
+        _check_no_line_search(state, where)
+        if partition_specs is not None:
+            updates, state = inner.update(updates, state, params, **extra_args)
+            return gc(updates), state
+
+        def step(updates, state, params, extra_args):
+            return inner.update(updates, state, params, **extra_args)
+
+        args = (updates, state, params, extra_args)
+        return centralized_update(step, args, rule, output_axes, where)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,227 @@
+"""GC on an optimizer's final update without materializing the update.
+
+``with_gc(tx)`` needs each output unit's mean update before it can write the
+centred update. Written naively (``u - mean(u)``), XLA on CPU stores ``u`` in
+full because two computations read it, and the step costs two to three times
+the bare optimizer's. Here ``tx.update`` is traced once to a jaxpr and
+evaluated as is; for each centred leaf, the entry-by-entry computation that
+produces its update from values the step writes or reads anyway (the new
+moments, the gradient, scalars such as the bias correction) is found in that
+jaxpr, and the fan-in sums are recomputed from those values block by block
+(:mod:`optax_gc._blocked`). The update itself is then written once, centred,
+straight into whatever consumes it (``optax.apply_updates`` under ``jit``).
+
+Any optimizer works: where the update is not an entry-by-entry function of
+such values (an orthogonalized or factored update), the values it comes from
+are the update itself, and the blocked sums read it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from optax_gc._axes import LeafRule, OutputAxes, map_leaves
+from optax_gc._blocked import MIN_BLOCKED_ELEMENTS, blocked_fan_in_sums, on_cpu
+from optax_gc._transform import subtract_fan_in_mean
+
+ENTRYWISE = frozenset(
+    """abs acos acosh add asin asinh atan atan2 atanh cbrt ceil clamp conj
+    convert_element_type copy copy_p cos cosh div eq erf erf_inv erfc exp exp2
+    expm1 floor ge gt imag integer_pow is_finite le lgamma log log1p logistic lt
+    max min mul ne neg nextafter not or pow real reduce_precision rem round
+    rsqrt select_n sign sin sinh sqrt square sub tan tanh xor""".split()
+)
+"""Primitives that act entry by entry and carry no shape in their parameters."""
+
+
+def _is_literal(v: Any) -> bool:
+    return type(v).__name__ == "Literal"
+
+
+class _Job(int):
+    """The index of a centred leaf in the list of jobs (a tree leaf)."""
+
+
+def _evaluate(closed: Any, args: list[Any]) -> dict[Any, Any]:
+    """Evaluates a closed jaxpr in the current trace; every variable's value."""
+    jaxpr = closed.jaxpr
+    env: dict[Any, Any] = dict(zip(jaxpr.constvars, closed.consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+
+    def read(v):
+        return v.val if _is_literal(v) else env[v]
+
+    for eqn in jaxpr.eqns:
+        bind = eqn.primitive.get_bind_params(eqn.params)
+        # (subfuns, params) up to jax 0.4.x; params alone since.
+        subfuns, params = bind if isinstance(bind, tuple) else ((), bind)
+        ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
+        if ctx is None:
+            out = eqn.primitive.bind(*subfuns, *map(read, eqn.invars), **params)
+        else:
+            with ctx:
+                out = eqn.primitive.bind(*subfuns, *map(read, eqn.invars), **params)
+        outs = out if eqn.primitive.multiple_results else [out]
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return env
+
+
+class _Cone:
+    """The entry-by-entry computation of one output from values already there.
+
+    ``eqns``: the equations to recompute, in jaxpr order; ``inputs``: the
+    leaf-shaped variables they start from (inputs or outputs of the step, or
+    results of other operations); the rest of what they read is scalars.
+    """
+
+    def __init__(self, jaxpr: Any, out: Any, producers: dict[Any, Any]):
+        shape = tuple(out.aval.shape)
+        outputs = {v for v in jaxpr.outvars if not _is_literal(v)}
+        self.inputs: list[Any] = []
+        picked: set[int] = set()
+        seen: set[Any] = set()
+        stack = [out]
+        while stack:
+            v = stack.pop()
+            if _is_literal(v) or v in seen or tuple(v.aval.shape) == ():
+                continue
+            seen.add(v)
+            eqn = producers.get(v)
+            if (
+                eqn is None
+                or (v is not out and v in outputs)
+                or not self._recomputable(eqn, shape)
+            ):
+                self.inputs.append(v)
+                continue
+            picked.add(id(eqn))
+            stack.extend(eqn.invars)
+        self.eqns = [e for e in jaxpr.eqns if id(e) in picked]
+        self.out = out
+
+    @staticmethod
+    def _recomputable(eqn: Any, shape: tuple[int, ...]) -> bool:
+        name = eqn.primitive.name
+        if name == "broadcast_in_dim":
+            return tuple(eqn.invars[0].aval.shape) == () and not eqn.params.get(
+                "sharding"
+            )
+        if name not in ENTRYWISE or eqn.primitive.multiple_results:
+            return False
+        if name == "convert_element_type" and eqn.params.get("sharding"):
+            return False
+        shapes = [tuple(v.aval.shape) for v in eqn.invars]
+        return all(s in ((), shape) for s in shapes)
+
+    def __call__(self, env: dict[Any, Any], blocks: list[jax.Array]) -> jax.Array:
+        """The output on one block, given the same block of every input."""
+        local = dict(zip(self.inputs, blocks, strict=True))
+        block_shape = blocks[0].shape if blocks else None
+
+        def read(v):
+            if _is_literal(v):
+                return v.val
+            return local[v] if v in local else env[v]
+
+        for eqn in self.eqns:
+            if eqn.primitive.name == "broadcast_in_dim":
+                out = lax.broadcast_in_dim(read(eqn.invars[0]), block_shape, ())
+            else:
+                out = eqn.primitive.bind(*map(read, eqn.invars), **eqn.params)
+            local[eqn.outvars[0]] = out
+        return local[self.out]
+
+
+def _accumulator(dtype: Any) -> Any:
+    """float32 for narrower floats (as ``subtract_fan_in_mean``), else ``dtype``."""
+    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype)
+
+
+def centralized_update(
+    update: Any,
+    args: tuple[Any, ...],
+    rule: LeafRule,
+    output_axes: OutputAxes,
+    where: str,
+) -> tuple[Any, Any]:
+    """``update(*args)`` = ``(updates, state)``, with Φ on the updates' leaves."""
+    if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
+        # Run eagerly, op by op: nothing is fused, so nothing to avoid.
+        updates, state = update(*args)
+        return _plain(updates, rule, output_axes, where), state
+    try:
+        closed, shapes = jax.make_jaxpr(update, return_shape=True)(*args)
+    except TypeError:  # an argument JAX cannot trace (a string, a callable)
+        updates, state = update(*args)
+        return _plain(updates, rule, output_axes, where), state
+    jaxpr = closed.jaxpr
+    env = _evaluate(closed, jax.tree.leaves(args))
+    flat = [v.val if _is_literal(v) else env[v] for v in jaxpr.outvars]
+    updates, state = jax.tree.unflatten(jax.tree.structure(shapes), flat)
+    out_vars = jax.tree.unflatten(
+        jax.tree.structure(updates), jaxpr.outvars[: len(jax.tree.leaves(updates))]
+    )
+    producers = {v: e for e in jaxpr.eqns for v in e.outvars}
+
+    jobs = []  # (index, cone or None, axes, leaf)
+
+    def collect(path, u, var):
+        axes = rule(path, u).axes
+        if axes is None:
+            return u
+        cone = None
+        if u.size >= MIN_BLOCKED_ELEMENTS and not _is_literal(var):
+            cone = _Cone(jaxpr, var, producers)
+        jobs.append((cone, axes, u))
+        return _Job(len(jobs) - 1)
+
+    marks = map_leaves(collect, output_axes, where, updates, out_vars)
+    if not jobs:
+        return updates, state
+
+    def sums_blocked():
+        out = []
+        for cone, axes, u in jobs:
+            dtype = _accumulator(u.dtype)
+            s = None
+            if cone is not None:
+                inputs = [env[v] for v in cone.inputs]
+                s = blocked_fan_in_sums(
+                    lambda *b, c=cone: c(env, list(b)), inputs, u.shape, axes, dtype
+                )
+            out.append(s if s is not None else _sums(u, axes, dtype))
+        return out
+
+    def sums_plain():
+        return [_sums(u, axes, _accumulator(u.dtype)) for _, axes, u in jobs]
+
+    big = any(cone is not None for cone, _, _ in jobs)
+    sums = on_cpu(sums_blocked, sums_plain) if big else sums_plain()
+
+    def centre(i):
+        _, axes, u = jobs[i]
+        count = u.size // sums[i].size
+        x = u.astype(sums[i].dtype)
+        return (x - sums[i] / count).astype(u.dtype)
+
+    centred = jax.tree.map(
+        lambda m, u: centre(m) if isinstance(m, _Job) else u, marks, updates
+    )
+    return centred, state
+
+
+def _sums(u: jax.Array, axes: tuple[int, ...], dtype: Any) -> jax.Array:
+    reduce = tuple(a for a in range(u.ndim) if a not in axes)
+    return jnp.sum(u.astype(dtype), axis=reduce, keepdims=True)
+
+
+def _plain(updates: Any, rule: LeafRule, output_axes: OutputAxes, where: str) -> Any:
+    def leaf_fn(path, g):
+        axes = rule(path, g).axes
+        return g if axes is None else subtract_fan_in_mean(g, axes)
+
+    return map_leaves(leaf_fn, output_axes, where, updates)
