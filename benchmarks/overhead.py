@@ -160,8 +160,16 @@ def table_transforms(name, shapes, repeats, output_axes=-1):
     }
 
 
-def _adam_steps(gc_rules):
-    lr = 1e-3
+OPTIMIZERS = {
+    "adam": lambda: optax.adam(1e-3),
+    "adamw": lambda: optax.adamw(1e-3),
+    "lion": lambda: optax.lion(1e-4),
+}
+
+
+def _optimizer_steps(base, gc_rules):
+    """The bare optimizer and its three GC variants, each a donated step."""
+    lr = {"adam": 1e-3, "adamw": 1e-3, "lion": 1e-4}[base]
 
     def make(tx):
         @functools.partial(jax.jit, donate_argnums=(0, 2))
@@ -171,20 +179,26 @@ def _adam_steps(gc_rules):
 
         return tx, step
 
+    tx = OPTIMIZERS[base]
+    gc = functools.partial(optax_gc.centralize, output_axes=gc_rules)
+    update = (
+        optax_gc.gc_adamw(lr, output_axes=gc_rules)
+        if base == "adamw"
+        else optax_gc.with_gc(tx(), output_axes=gc_rules)
+    )
     return {
-        "optax.adam": make(optax.adam(lr)),
-        "chain(centralize(), adam)": make(
-            optax.chain(optax_gc.centralize(output_axes=gc_rules), optax.adam(lr))
-        ),
-        "with_gc(adam, 'update')": make(
-            optax_gc.with_gc(optax.adam(lr), output_axes=gc_rules)
+        f"optax.{base}": make(tx()),
+        f"chain(centralize(), {base}) [gradient]": make(optax.chain(gc(), tx())),
+        f"chain({base}, centralize()) [update, plain]": make(optax.chain(tx(), gc())),
+        ("gc_adamw [update]" if base == "adamw" else f"with_gc({base}) [update]"): make(
+            update
         ),
     }
 
 
-def table_adam(name, shapes, repeats, gc_rules=-1):
+def table_optimizer(name, shapes, repeats, gc_rules=-1, base="adam"):
     """One optimizer step (update + apply); params and state donated, grads fixed."""
-    steps = _adam_steps(gc_rules)
+    steps = _optimizer_steps(base, gc_rules)
     grads = make_tree(shapes, 1)
     calls, memory = {}, {}
     for label, (tx, step) in steps.items():
@@ -198,13 +212,37 @@ def table_adam(name, shapes, repeats, gc_rules=-1):
     medians, samples = interleaved(
         {k: (lambda c=c: c()) for k, c in calls.items()}, lambda _: (), repeats
     )
-    base = medians["optax.adam"]
-    rows = [(k, v, v / base) for k, v in medians.items()]
+    base_label = f"optax.{base}"
+    rows = [(k, v, v / medians[base_label]) for k, v in medians.items()]
     return {
         "tree": name,
         "rows": rows,
-        "baseline": "optax.adam",
+        "baseline": base_label,
         "memory": memory,
+        "samples": samples,
+    }
+
+
+def table_update_only(name, shapes, repeats):
+    """GC on the gradient, the update alone (no apply, nothing donated)."""
+    tree, grads = make_tree(shapes, 0), make_tree(shapes, 1)
+    fns, states = {}, {}
+    for label, tx in {
+        "optax.adam": optax.adam(1e-3),
+        "chain(centralize(), adam) [gradient]": optax.chain(
+            optax_gc.centralize(), optax.adam(1e-3)
+        ),
+    }.items():
+        states[label] = tx.init(tree)
+        fns[label] = jax.jit(tx.update)
+    medians, samples = interleaved(
+        fns, lambda label: (grads, states[label], tree), repeats
+    )
+    base = medians["optax.adam"]
+    return {
+        "tree": name,
+        "rows": [(k, v, v / base) for k, v in medians.items()],
+        "baseline": "optax.adam",
         "samples": samples,
     }
 
@@ -281,6 +319,7 @@ def table_train_step(repeats, tiny):
     )
     base = medians["adam"]
     return {
+        "param_bytes": tree_bytes(variables["params"]),
         "tree": f"Flax CNN train step, batch {batch}x{size}x{size}, width {width}",
         "rows": [(k, v, v / base) for k, v in medians.items()],
         "baseline": "adam",
@@ -314,6 +353,70 @@ def table_compile(shapes, repeats):
         "baseline": "optax.centralize",
         "samples": samples,
     }
+
+
+# --- targets ------------------------------------------------------------------
+
+
+def _ratio(result, label, over):
+    rows = {name: seconds for name, seconds, _ in result["rows"]}
+    return rows[label] / rows[over]
+
+
+def targets(results):
+    """Every target of the overhead issue: (what, measured, target)."""
+    out = []
+    for res in results:
+        kind, tree = res.get("kind"), res["tree"].split(":")[0]
+        if kind == "transforms":
+            gc = "optax_gc.centralize"
+            naive, copy = "naive g - g.mean(fan_in)", "copy (roofline proxy)"
+            out.append((f"{tree}: centralize / naive", _ratio(res, gc, naive), 1.0))
+            out.append(
+                (f"{tree}: centralize / copy (stretch)", _ratio(res, gc, copy), 1.25)
+            )
+        elif kind == "optimizer":
+            base = res["baseline"]
+            for label, _, ratio in res["rows"]:
+                if "[update]" in label:
+                    out.append((f"{tree}: {label} / {base}", ratio, 1.35))
+                if "[gradient]" in label and base == "optax.adam":
+                    out.append((f"{tree}: {label} / {base}, step", ratio, 1.05))
+        elif kind == "update_only":
+            label = "chain(centralize(), adam) [gradient]"
+            out.append(
+                (
+                    f"{tree}: {label} / adam, update only",
+                    _ratio(res, label, "optax.adam"),
+                    1.05,
+                )
+            )
+        elif kind == "train_step":
+            label = "gc_adam (update)"
+            out.append(
+                (f"train step: {label} / adam, time", _ratio(res, label, "adam"), 1.05)
+            )
+            mem = res["memory"]
+            extra = mem[label].get("temp_size_in_bytes")
+            if extra is not None:
+                extra = (extra - mem["adam"]["temp_size_in_bytes"]) / res["param_bytes"]
+                out.append(
+                    (f"train step: {label} temp - adam's, x param bytes", extra, 0.05)
+                )
+    return out
+
+
+def fmt_targets(rows):
+    lines = [
+        "\n## Targets",
+        "",
+        "| ratio | measured | target | met |",
+        "|---|---:|---:|---|",
+    ]
+    for what, value, target in rows:
+        met = "yes" if value <= target else "**no**"
+        lines.append(f"| {what} | {value:.3f} | ≤ {target:.2f} | {met} |")
+    return "\n".join(lines)
 
 
 # --- main ---------------------------------------------------------------------
@@ -376,11 +479,13 @@ def main(argv=None):
     )
     print(header, flush=True)
     results = []
+    first = next(iter(trees))
     for name, (shapes, axes) in trees.items():
         n = sum(math.prod(s) for s in shapes.values())
         label = f"{name}: {n / 1e6:.1f}M params, {len(shapes)} leaves"
         transform_axes = -1 if callable(axes) else axes
         res = table_transforms(label, shapes, repeats, transform_axes)
+        res["kind"] = "transforms"
         if callable(axes):  # GPT-2: our per-leaf rules vs plain -1
             tree = make_tree(shapes)
             rules_fn = jax.jit(functools.partial(optax_gc_tree, output_axes=axes))
@@ -398,12 +503,24 @@ def main(argv=None):
             )
         results.append(res)
         print(fmt_table(res), flush=True)
-        res = table_adam(
-            f"{name}: adam update + apply, donated buffers", shapes, repeats, axes
-        )
-        results.append(res)
-        print(fmt_table(res), flush=True)
+        for base in ("adam", "adamw", "lion"):
+            res = table_optimizer(
+                f"{name}: {base} update + apply, donated buffers",
+                shapes,
+                repeats,
+                axes,
+                base,
+            )
+            res["kind"] = "optimizer"
+            results.append(res)
+            print(fmt_table(res), flush=True)
+        if name == first:
+            res = table_update_only(f"{name}: adam update alone", shapes, repeats)
+            res["kind"] = "update_only"
+            results.append(res)
+            print(fmt_table(res), flush=True)
     res = table_train_step(repeats, args.tiny)
+    res["kind"] = "train_step"
     results.append(res)
     print(fmt_table(res), flush=True)
     state = optax_gc.centralize().init(make_tree(trees[next(iter(trees))][0]))
@@ -411,6 +528,9 @@ def main(argv=None):
     res = table_compile(compile_shapes, 1 if args.tiny else max(5, repeats // 3))
     results.append(res)
     print(fmt_table(res), flush=True)
+
+    goals = targets(results)
+    print(fmt_targets(goals), flush=True)
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -434,6 +554,10 @@ def main(argv=None):
                     for name, (s, _) in trees.items()
                 },
                 "tables": [{k: v for k, v in r.items()} for r in results],
+                "targets": [
+                    {"ratio": w, "measured": v, "target": t, "met": v <= t}
+                    for w, v, t in goals
+                ],
             },
             indent=1,
         )
