@@ -9,15 +9,36 @@ def test_overhead_script_tiny(tmp_path, capsys):
     results = overhead.main(["--tiny", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert "copy (roofline proxy)" in printed and "trace + compile" in printed
+    assert "## Targets" in printed
     data = json.loads((tmp_path / "overhead-cpu-tiny.json").read_text())
-    assert data["versions"]["optax_gc"] and len(data["tables"]) == len(results) == 4
+    # transforms, adam, adamw, lion, update alone, train step, compile
+    assert data["versions"]["optax_gc"] and len(data["tables"]) == len(results) == 7
     for table in data["tables"]:
         assert all(seconds > 0 and ratio > 0 for _, seconds, ratio in table["rows"])
-    adam = data["tables"][1]["memory"]
-    assert (
-        adam["with_gc(adam, 'update')"]["opt_state_bytes"]
-        == adam["optax.adam"]["opt_state_bytes"]
-    )
+    for table, base in zip(data["tables"][1:4], ("adam", "adamw", "lion"), strict=True):
+        memory = table["memory"]
+        states = {m["opt_state_bytes"] for m in memory.values()}
+        assert len(memory) == 4 and len(states) == 1, base
+    # Every target of the issue, each with its measured ratio.
+    whats = [t["ratio"] for t in data["targets"]]
+    assert len(whats) == 9  # one tree: 2 + 1 + 3 + 1, train step 2
+    assert any("with_gc(lion)" in w for w in whats)
+    assert any("temp - adam's" in w for w in whats)
+    for t in data["targets"]:
+        assert t["met"] == (t["measured"] <= t["target"])
+
+
+def test_targets_reads_each_table():
+    rows = [("a", 2.0, 2.0), ("b", 1.0, 1.0)]
+    res = {"kind": "update_only", "tree": "T: x", "rows": []}
+    res["rows"] = [
+        ("optax.adam", 1.0, 1.0),
+        ("chain(centralize(), adam) [gradient]", 1.2, 1.2),
+    ]
+    ((what, value, target),) = overhead.targets([res])
+    assert value == 1.2 and target == 1.05 and what.startswith("T:")
+    assert "**no**" in overhead.fmt_targets([(what, value, target)])
+    assert "| yes |" in overhead.fmt_targets(rows[1:])
 
 
 def test_small_kernels_tree():
