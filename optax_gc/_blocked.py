@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +81,7 @@ def blocked_fan_in_sums(
     full = rows // step
     if units_are_cols:
         # Each iteration adds UNROLL row blocks into an (r, cols) accumulator.
-        def body(i, acc):
+        def add_blocks(i, acc):
             for j in range(UNROLL):
                 start = i * step + j * r
                 acc = acc + value([lax.dynamic_slice_in_dim(m, start, r) for m in mats])
@@ -88,21 +89,21 @@ def blocked_fan_in_sums(
 
         sums = jnp.zeros((cols,), dtype)
         if full:
-            acc = lax.fori_loop(0, full, body, jnp.zeros((r, cols), dtype))
+            acc = lax.fori_loop(0, full, add_blocks, jnp.zeros((r, cols), dtype))
             sums = acc.sum(axis=0)
         if rows > full * step:
             sums = sums + value([m[full * step :] for m in mats]).sum(axis=0)
         kept = [1] * (len(shape) - len(output_axes)) + [shape[a] for a in output_axes]
     else:
         # Each iteration sums the rows of one block of units and stores them.
-        def body(i, out):
+        def store_rows(i, out):
             start = i * step
             block = value([lax.dynamic_slice_in_dim(m, start, step) for m in mats])
             return lax.dynamic_update_slice_in_dim(out, block.sum(axis=1), start, 0)
 
         sums = jnp.zeros((rows,), dtype)
         if full:
-            sums = lax.fori_loop(0, full, body, sums)
+            sums = lax.fori_loop(0, full, store_rows, sums)
         if rows > full * step:
             tail = value([m[full * step :] for m in mats]).sum(axis=1)
             sums = lax.dynamic_update_slice_in_dim(sums, tail, full * step, 0)
@@ -110,7 +111,7 @@ def blocked_fan_in_sums(
     return sums.reshape(kept)
 
 
-def on_cpu(cpu: Callable[[], object], default: Callable[[], object]) -> object:
+def on_cpu(cpu: Callable[[], Any], default: Callable[[], Any]) -> Any:
     """``cpu()`` where the computation is lowered for CPU, ``default()`` elsewhere.
 
     Both are traced; only the branch for the platform that compiles it runs.

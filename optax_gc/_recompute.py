@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import core as jax_core
 from jax import lax
 
 from optax_gc._axes import LeafRule, OutputAxes, map_leaves
@@ -120,7 +121,7 @@ class _Cone:
     def __call__(self, env: dict[Any, Any], blocks: list[jax.Array]) -> jax.Array:
         """The output on one block, given the same block of every input."""
         local = dict(zip(self.inputs, blocks, strict=True))
-        block_shape = blocks[0].shape if blocks else None
+        block_shape = tuple(blocks[0].shape) if blocks else ()
 
         def read(v):
             if _is_literal(v):
@@ -149,7 +150,7 @@ def centralized_update(
     where: str,
 ) -> tuple[Any, Any]:
     """``update(*args)`` = ``(updates, state)``, with Φ on the updates' leaves."""
-    if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
+    if not any(isinstance(x, jax_core.Tracer) for x in jax.tree.leaves(args)):
         # Run eagerly, op by op: nothing is fused, so nothing to avoid.
         updates, state = update(*args)
         return _plain(updates, rule, output_axes, where), state
