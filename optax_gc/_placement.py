@@ -65,6 +65,14 @@ def with_gc(
     The state is ``tx``'s own state, unchanged: a checkpoint of ``tx`` restores
     into ``with_gc(tx)`` and back.
 
+    Cost of ``location="update"`` under ``jit``: ``tx.update`` is traced once
+    to a jaxpr, and on CPU each centred leaf's fan-in sums are recomputed,
+    block by block, from the values its update is computed from entry by entry
+    (e.g. Adam's new moments), so the update is never stored in full; GPUs and
+    TPUs fuse the plain ``u - mean(u)`` themselves and keep it. The results
+    equal ``optax.chain(tx, centralize())`` to float rounding (the sums are
+    added in another order); called eagerly, they are identical.
+
     Exceptions to "any optimizer":
 
     * Line searches (``optax.lbfgs``, ``scale_by_zoom_linesearch``,

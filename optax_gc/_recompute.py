@@ -25,9 +25,9 @@ import jax.numpy as jnp
 from jax import core as jax_core
 from jax import lax
 
-from optax_gc._axes import LeafRule, OutputAxes, map_leaves
+from optax_gc._axes import LeafRule, OutputAxes, fan_in_axes, map_leaves
 from optax_gc._blocked import MIN_BLOCKED_ELEMENTS, blocked_fan_in_sums, on_cpu
-from optax_gc._transform import subtract_fan_in_mean
+from optax_gc._transform import centralize_tree, centring_dtype
 
 ENTRYWISE = frozenset(
     """abs acos acosh add asin asinh atan atan2 atanh cbrt ceil clamp conj
@@ -137,11 +137,6 @@ class _Cone:
         return local[self.out]
 
 
-def _accumulator(dtype: Any) -> Any:
-    """float32 for narrower floats (as ``subtract_fan_in_mean``), else ``dtype``."""
-    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype)
-
-
 def centralized_update(
     update: Any,
     args: tuple[Any, ...],
@@ -150,15 +145,17 @@ def centralized_update(
     where: str,
 ) -> tuple[Any, Any]:
     """``update(*args)`` = ``(updates, state)``, with Φ on the updates' leaves."""
-    if not any(isinstance(x, jax_core.Tracer) for x in jax.tree.leaves(args)):
-        # Run eagerly, op by op: nothing is fused, so nothing to avoid.
+
+    def plain():
         updates, state = update(*args)
-        return _plain(updates, rule, output_axes, where), state
+        return centralize_tree(updates, rule, output_axes, None, where), state
+
+    if not any(isinstance(x, jax_core.Tracer) for x in jax.tree.leaves(args)):
+        return plain()  # eager, op by op: nothing is fused, nothing to avoid
     try:
         closed, shapes = jax.make_jaxpr(update, return_shape=True)(*args)
     except TypeError:  # an argument JAX cannot trace (a string, a callable)
-        updates, state = update(*args)
-        return _plain(updates, rule, output_axes, where), state
+        return plain()
     jaxpr = closed.jaxpr
     env = _evaluate(closed, jax.tree.leaves(args))
     flat = [v.val if _is_literal(v) else env[v] for v in jaxpr.outvars]
@@ -168,7 +165,7 @@ def centralized_update(
     )
     producers = {v: e for e in jaxpr.eqns for v in e.outvars}
 
-    jobs = []  # (index, cone or None, axes, leaf)
+    jobs = []  # (cone or None, axes, update leaf), one per centred leaf
 
     def collect(path, u, var):
         axes = rule(path, u).axes
@@ -177,6 +174,7 @@ def centralized_update(
         cone = None
         if u.size >= MIN_BLOCKED_ELEMENTS and not _is_literal(var):
             cone = _Cone(jaxpr, var, producers)
+            cone = cone if cone.inputs else None  # a constant: nothing to read
         jobs.append((cone, axes, u))
         return _Job(len(jobs) - 1)
 
@@ -187,7 +185,7 @@ def centralized_update(
     def sums_blocked():
         out = []
         for cone, axes, u in jobs:
-            dtype = _accumulator(u.dtype)
+            dtype = centring_dtype(u.dtype)
             s = None
             if cone is not None:
                 inputs = [env[v] for v in cone.inputs]
@@ -198,7 +196,7 @@ def centralized_update(
         return out
 
     def sums_plain():
-        return [_sums(u, axes, _accumulator(u.dtype)) for _, axes, u in jobs]
+        return [_sums(u, axes, centring_dtype(u.dtype)) for _, axes, u in jobs]
 
     big = any(cone is not None for cone, _, _ in jobs)
     sums = on_cpu(sums_blocked, sums_plain) if big else sums_plain()
@@ -216,13 +214,5 @@ def centralized_update(
 
 
 def _sums(u: jax.Array, axes: tuple[int, ...], dtype: Any) -> jax.Array:
-    reduce = tuple(a for a in range(u.ndim) if a not in axes)
+    reduce = fan_in_axes(u.ndim, axes)
     return jnp.sum(u.astype(dtype), axis=reduce, keepdims=True)
-
-
-def _plain(updates: Any, rule: LeafRule, output_axes: OutputAxes, where: str) -> Any:
-    def leaf_fn(path, g):
-        axes = rule(path, g).axes
-        return g if axes is None else subtract_fan_in_mean(g, axes)
-
-    return map_leaves(leaf_fn, output_axes, where, updates)

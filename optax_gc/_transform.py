@@ -25,6 +25,11 @@ from optax_gc._axes import (
 )
 
 
+def centring_dtype(dtype: Any) -> Any:
+    """The dtype GC computes means in: float32 for narrower floats, else ``dtype``."""
+    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype)
+
+
 def subtract_fan_in_mean(
     g: jax.Array,
     output_axes: tuple[int, ...],
@@ -37,7 +42,7 @@ def subtract_fan_in_mean(
     size)``: the local fan-in sums are added across the mesh axes that shard
     a fan-in axis and divided by the global fan-in size.
     """
-    x = g.astype(jnp.float32) if jnp.dtype(g.dtype).itemsize < 4 else g
+    x = g.astype(centring_dtype(g.dtype))
     reduce = fan_in_axes(g.ndim, output_axes)
     if sharded:
         names, fan_in = sharded

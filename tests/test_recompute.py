@@ -173,3 +173,16 @@ def test_grad_through_the_update():
     got = jax.jit(jax.grad(loss))(1.0)
     expected = jax.grad(loss)(1.0)  # eager: the plain formulation
     np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
+def test_constant_update_reads_nothing():
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda x: jnp.full_like(x, 0.5), updates), state
+
+    const = optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+    tx = optax_gc.with_gc(const, output_axes=rule)
+    params = tree(0)
+    got, _ = jax.jit(tx.update)(tree(1), tx.init(params), params)
+    for k, axes in AXES.items():
+        expected = 0.5 if axes is None else 0.0  # every unit's entries are equal
+        np.testing.assert_allclose(got[k], expected, atol=1e-7, err_msg=k)
