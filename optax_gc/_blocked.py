@@ -27,7 +27,7 @@ from jax import lax
 ROW_BLOCK_ELEMENTS = 8192
 """Elements in one row block, and in the accumulator (32 KiB in float32)."""
 
-UNROLL = 8
+UNROLL = 4
 """Row blocks summed per loop iteration (fewer iterations, same accumulator)."""
 
 MIN_BLOCKED_ELEMENTS = 8192
