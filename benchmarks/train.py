@@ -45,15 +45,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gzip
 import hashlib
-import json
 import math
 import pathlib
-import platform
 import sys
 import time
-import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -61,20 +57,9 @@ import numpy as np
 import optax
 
 import optax_gc
-from benchmarks.models import CNN
+from benchmarks import datasets, harness, report
+from benchmarks.models import CNN, NORMS
 
-FASHION_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_FILES = {
-    "x_train": "train-images-idx3-ubyte.gz",
-    "y_train": "train-labels-idx1-ubyte.gz",
-    "x_test": "t10k-images-idx3-ubyte.gz",
-    "y_test": "t10k-labels-idx1-ubyte.gz",
-}
-DATA_DIR = pathlib.Path(__file__).parent / "data"
-SUBSET_FILE = DATA_DIR / "fashion-mnist-10k.npz"
-SUBSET_SIZES = {"train": 10_000, "test": 5_000}
-# sha256 of x_train, y_train, x_test, y_test's bytes, in that order (uint8).
-SUBSET_SHA256 = "ed034e8d89dea1ef6745d0a25a44741530c5a7342f7e554f7f22ba66d9800a61"
 DEFAULTS = {  # per dataset
     "fashion-mnist-10k": {
         "epochs": 8,
@@ -101,7 +86,7 @@ DEFAULTS = {  # per dataset
 OPTIMIZERS = ("sgd", "adam-grad", "adam-update")
 SGD_LR, MOMENTUM, L2 = 0.05, 0.9, 5e-4
 ADAM_LR = 1e-3
-SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 TITLES = {
     "sgd": "SGD, momentum 0.9, L2 5e-4",
     "adam-grad": "Adam, GC on the gradient",
@@ -110,153 +95,6 @@ TITLES = {
 
 
 # --- data --------------------------------------------------------------------
-
-
-def load_digits():
-    from sklearn.datasets import load_digits as sk_load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = sk_load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.2, random_state=0, stratify=y
-    )
-    return x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32)
-
-
-def read_idx(path: pathlib.Path) -> np.ndarray:
-    """Reads one gzipped IDX file of unsigned bytes.
-
-    Args:
-        path: an IDX file compressed with gzip, as Fashion-MNIST ships them.
-
-    Returns:
-        The uint8 array, in the shape the file's header gives.
-
-    Raises:
-        ValueError: naming ``path``, if it is not a gzipped unsigned-byte IDX
-            file or holds fewer or more values than its header says.
-    """
-    try:
-        with gzip.open(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable gzip file ({e})") from e
-    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file")
-    ndim = data[3]
-    shape = tuple(
-        int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)
-    )
-    array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
-    if array.size != math.prod(shape):
-        raise ValueError(
-            f"{path}: expected {math.prod(shape)} values, got {array.size}"
-        )
-    return array.reshape(shape)
-
-
-def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
-    digest = hashlib.sha256()
-    for key in ("x_train", "y_train", "x_test", "y_test"):
-        digest.update(np.ascontiguousarray(arrays[key]).tobytes())
-    return digest.hexdigest()
-
-
-def _scale(arrays, n_train=None):
-    """uint8 arrays -> float32 images in [0, 1] with a channel axis, int32 labels."""
-    n = len(arrays["x_train"]) if n_train is None else n_train
-    return (
-        (arrays["x_train"][:n] / 255.0).astype(np.float32)[..., None],
-        arrays["y_train"][:n].astype(np.int32),
-        (arrays["x_test"] / 255.0).astype(np.float32)[..., None],
-        arrays["y_test"].astype(np.int32),
-    )
-
-
-def load_subset(path: pathlib.Path = SUBSET_FILE, train_subset: int | None = None):
-    """Loads the shipped Fashion-MNIST subset, checked against its sha256.
-
-    Args:
-        path: the ``.npz`` file (default: the one shipped in ``benchmarks/data``).
-        train_subset: keep only the first N training images (default: all).
-
-    Returns:
-        ``(x_train, y_train, x_test, y_test)``: float32 images in [0, 1] of shape
-        ``(N, 28, 28, 1)`` and int32 labels.
-
-    Raises:
-        FileNotFoundError: if ``path`` is missing; the message says how to
-            restore it.
-        ValueError: if ``path`` is not the recorded subset (not an ``.npz``,
-            other arrays, or contents whose sha256 differs).
-    """
-    path = pathlib.Path(path)
-    rebuild = (
-        f"Restore it with `git checkout -- {path.name}` in {path.parent}, or "
-        f"rebuild it from the official files with `python -m benchmarks."
-        f"make_subset` (Debian package dataset-fashion-mnist)."
-    )
-    if not path.exists():
-        raise FileNotFoundError(
-            f"the Fashion-MNIST subset {path} is missing; it ships with the "
-            f"repository. {rebuild}"
-        )
-    if not path.is_file() or not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is corrupt: not an .npz (zip) file. {rebuild}")
-    try:
-        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
-            arrays = {key: f[key] for key in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise ValueError(f"{path} is corrupt ({e}). {rebuild}") from e
-    expected = {
-        "x_train": (SUBSET_SIZES["train"], 28, 28),
-        "y_train": (SUBSET_SIZES["train"],),
-        "x_test": (SUBSET_SIZES["test"], 28, 28),
-        "y_test": (SUBSET_SIZES["test"],),
-    }
-    got = {k: (np.shape(a), getattr(a, "dtype", type(a))) for k, a in arrays.items()}
-    if got != {k: (s, np.dtype(np.uint8)) for k, s in expected.items()}:
-        raise ValueError(
-            f"{path} is corrupt: expected uint8 arrays {expected}, found {got}. "
-            f"{rebuild}"
-        )
-    if arrays_sha256(arrays) != SUBSET_SHA256:
-        raise ValueError(
-            f"{path} is corrupt: its contents do not match the recorded sha256 "
-            f"{SUBSET_SHA256}. {rebuild}"
-        )
-    return _scale(arrays, train_subset)
-
-
-def load_fashion_mnist(data_dir: str, train_subset: int | None):
-    root = pathlib.Path(data_dir)
-    missing = [name for name in FASHION_FILES.values() if not (root / name).is_file()]
-    if missing:
-        sys.exit(
-            f"error: Fashion-MNIST files not found in --data-dir {root}: "
-            f"{', '.join(missing)}.\nInstall the Debian package "
-            f"dataset-fashion-mnist (apt-get install dataset-fashion-mnist puts "
-            f"them in {FASHION_DIR}) or pass --data-dir pointing at the four IDX "
-            f".gz files. The default dataset, fashion-mnist-10k, needs neither."
-        )
-    try:
-        arrays = {k: read_idx(root / name) for k, name in FASHION_FILES.items()}
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.ndim != 3 or x.shape[1:] != (28, 28) or len(x) != len(y):
-            sys.exit(
-                f"error: {root}: {split} images {x.shape} and labels {y.shape} do "
-                f"not form a Fashion-MNIST split"
-            )
-        if y.max(initial=0) > 9:
-            sys.exit(f"error: {root}: {split} labels outside 0..9")
-    return _scale(arrays, train_subset)
-
-
-# --- optimizers -----------------------------------------------------------------
 
 
 def learning_rates(name: str, args) -> float:
@@ -304,13 +142,15 @@ def make_run_fns(model, tx, x_train, y_train, x_test, y_test, batch_size):
             mutable=["batch_stats"],
         )
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, (updates["batch_stats"], jnp.mean(logits.argmax(-1) == y))
+        # GroupNorm and no norm keep no batch statistics: the collection is empty.
+        stats = updates.get("batch_stats", {})
+        return loss, (stats, jnp.mean(logits.argmax(-1) == y))
 
     @jax.jit
     def init(key):
         variables = model.init(key, x_train[:1], train=False)
         params = variables["params"]
-        return params, variables["batch_stats"], tx.init(params)
+        return params, variables.get("batch_stats", {}), tx.init(params)
 
     # One jitted step in a Python loop: on XLA:CPU a lax.scan over the epoch
     # runs these small convolutions about 8x slower than separate steps.
@@ -353,18 +193,10 @@ def make_run_fns(model, tx, x_train, y_train, x_test, y_test, batch_size):
     return init, train_epoch, evaluate
 
 
-def params_sha256(params) -> str:
-    """A fingerprint of the initial parameters (equal across a seed's arms)."""
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(params):
-        digest.update(np.asarray(leaf).tobytes())
-    return digest.hexdigest()[:16]
-
-
 def train_one(fns, seed, epochs, n_train, progress, label):
     init, train_epoch, evaluate = fns
     params, batch_stats, opt_state = init(jax.random.key(seed))
-    init_sha = params_sha256(params)
+    init_sha = harness.tree_sha256(params)
     rng = np.random.default_rng(seed)  # the same data order for every arm
     order_sha = hashlib.sha256()
     carry = (params, batch_stats, opt_state)
@@ -409,7 +241,13 @@ def base_arm(name: str) -> str:
 
 def train_arms(args, data, factor=1.0, progress=None):
     """Every arm x seed at ``factor`` times the default learning rates."""
-    model = CNN(width=args.width, stem_stride=args.stem_stride, hidden=args.hidden)
+    model = CNN(
+        width=args.width,
+        stem_stride=args.stem_stride,
+        hidden=args.hidden,
+        norm=args.norm,
+        groups=args.groups,
+    )
     steps = len(data[0]) // args.batch_size * args.epochs
     fns = {}
     for arm, name, gc in arms_for(args.optimizers):
@@ -449,26 +287,13 @@ def train_arms(args, data, factor=1.0, progress=None):
 # --- reporting ---------------------------------------------------------------------
 
 
-def _stats(base, gc):
-    base, gc = np.asarray(base), np.asarray(gc)
-    diff, n = gc - base, len(base)
-    return {  # spreads need two seeds: None (null in results.json) with one
-        "baseline_mean": float(base.mean()),
-        "baseline_std": float(base.std(ddof=1)) if n > 1 else None,
-        "gc_mean": float(gc.mean()),
-        "gc_std": float(gc.std(ddof=1)) if n > 1 else None,
-        "diff_mean": float(diff.mean()),
-        "diff_se": float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
-    }
-
-
 def summarize(runs, optimizers, seeds):
     """Per optimizer: final train loss / test accuracy, baseline vs GC, paired diff."""
     final = {(r["arm"], r["seed"]): r["history"][-1] for r in runs}
     summary = {}
     for name in optimizers:
         summary[name] = {
-            metric: _stats(
+            metric: report.paired_stats(
                 [final[(base_arm(name), s)][metric] for s in seeds],
                 [final[(f"{name}+gc", s)][metric] for s in seeds],
             )
@@ -477,58 +302,48 @@ def summarize(runs, optimizers, seeds):
     return summary
 
 
-def _pm(mean, spread, scale, fmt):
-    text = format(scale * mean, fmt)
-    return text if spread is None else f"{text} ± {scale * spread:.{fmt[-2:]}}"
+def per_epoch_differences(runs, optimizers, seeds):
+    """Per optimizer and epoch: the paired test-accuracy difference, in points."""
+    hist = {(r["arm"], r["seed"]): r["history"] for r in runs}
+    out = {}
+    for name in optimizers:
+        base = [[h["test_acc"] for h in hist[(base_arm(name), s)]] for s in seeds]
+        gc = [[h["test_acc"] for h in hist[(f"{name}+gc", s)]] for s in seeds]
+        out[name] = [
+            round(float(v), 3) for v in 100 * np.mean(np.subtract(gc, base), 0)
+        ]
+    return out
 
 
 def _cells(row):
-    cells = []
-    for metric, scale, digits in (("train_loss", 1, ".4f"), ("test_acc", 100, ".2f")):
-        stats = row[metric]
-        cells += [
-            _pm(stats["baseline_mean"], stats["baseline_std"], scale, digits),
-            _pm(stats["gc_mean"], stats["gc_std"], scale, digits),
-            _pm(stats["diff_mean"], stats["diff_se"], scale, "+" + digits),
-        ]
-    return "| " + " | ".join(cells) + " |"
+    return report.stats_cells(row["train_loss"], 1, ".4f") + report.stats_cells(
+        row["test_acc"], 100, ".2f"
+    )
 
 
-HEAD = (
-    "| train loss, baseline | train loss, GC | GC - baseline "
-    "| test acc %, baseline | test acc %, GC | GC - baseline |"
-)
+HEAD = [
+    "train loss, baseline",
+    "train loss, GC",
+    "GC - baseline",
+    "test acc %, baseline",
+    "test acc %, GC",
+    "GC - baseline",
+]
 
 
 def format_table(summary, n_seeds):
-    lines = ["| optimizer " + HEAD, "|" + "---|" * 7]
-    lines += [f"| {name} " + _cells(row) for name, row in summary.items()]
-    lines.append(
-        f"\nmean ± std over {n_seeds} seed(s); GC - baseline: mean of the per-seed "
+    rows = [[name, *_cells(row)] for name, row in summary.items()]
+    return report.markdown_table(["optimizer", *HEAD], rows) + (
+        f"\n\nmean ± std over {n_seeds} seed(s); GC - baseline: mean of the per-seed "
         f"paired differences ± its standard error. Final epoch; train loss is "
         f"the mean minibatch loss over that epoch (training mode)."
     )
-    return "\n".join(lines)
 
 
 YLABELS = {"train_loss": "train loss", "test_acc": "test accuracy %"}
-ARM_STYLES = (("baseline", "tab:gray"), ("GC", "tab:red"))
 
 
-def _figure(names):
-    """A (plt, figure, axes) grid: train loss above test accuracy, a column each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(
-        2, len(names), figsize=(4.2 * len(names), 6.5), squeeze=False
-    )
-    return plt, fig, axes
-
-
-def _finish(plt, fig, axes, names, xlabel, path, title):
+def _label_axes(axes, names, xlabel):
     for col, name in enumerate(names):
         for row, metric in enumerate(YLABELS):
             ax = axes[row, col]
@@ -539,32 +354,38 @@ def _finish(plt, fig, axes, names, xlabel, path, title):
                 ax.set_title(TITLES[name])
             ax.grid(alpha=0.3)
             ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_curves(runs, optimizers, path, title):
-    """Per optimizer, baseline and GC per epoch: mean and a ±std band over seeds."""
-    plt, fig, axes = _figure(optimizers)
+    """Per optimizer, baseline and GC per epoch: mean and a ±std band over seeds.
+
+    The accuracy panels are scaled to the second half of the run, where the
+    final differences are; the first epochs' lower accuracy runs off the panel.
+    """
+    plt, fig, axes = report.figure(len(optimizers))
     for col, name in enumerate(optimizers):
-        arms = (base_arm(name), f"{name}+gc")
-        for arm, (label, color) in zip(arms, ARM_STYLES, strict=True):
+        accuracy = []
+        for arm, label, color in (
+            (base_arm(name), "baseline", report.BASELINE_COLOR),
+            (f"{name}+gc", "GC", report.GC_COLOR),
+        ):
             hist = [r["history"] for r in runs if r["arm"] == arm]
             epochs = np.arange(1, len(hist[0]) + 1)
             for row, metric in enumerate(YLABELS):
                 values = np.array([[h[metric] for h in run] for run in hist])
+                scale = 100 if metric == "test_acc" else 1
+                mean = report.plot_band(
+                    axes[row, col], epochs, scale * values, color, label
+                )
                 if metric == "test_acc":
-                    values = 100 * values
-                mean = values.mean(0)
-                std = values.std(0, ddof=1) if len(values) > 1 else 0 * mean
-                ax = axes[row, col]
-                ax.plot(epochs, mean, color=color, label=label, marker=".")
-                ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2)
-    _finish(
-        plt, fig, axes, optimizers, "epoch", path, f"{title}: mean ± std over seeds"
-    )
+                    accuracy.append(mean)
+            for row in range(2):
+                report.integer_ticks(axes[row, col], epochs)
+        report.focus_ylim(axes[1, col], accuracy)
+    _label_axes(axes, optimizers, "epoch")
+    seeds = len({r["seed"] for r in runs})
+    spread = "mean ± std over seeds" if seeds > 1 else "one seed"
+    report.save(plt, fig, path, f"{title}: {spread}")
 
 
 def summarize_sweep(runs_by_factor, optimizers, seeds):
@@ -578,61 +399,65 @@ def summarize_sweep(runs_by_factor, optimizers, seeds):
     return out
 
 
-def format_sweep(sweep, n_seeds):
-    lines = ["| optimizer | learning rate " + HEAD, "|" + "---|" * 8]
+def sweep_brackets(sweep):
+    """Per optimizer and arm, whether its best test accuracy is inside the rates.
+
+    A best rate at either end of the sweep is not bracketed: a wider sweep
+    could find a better one.
+    """
+    out = {}
     for name, rows in sweep.items():
-        lines += [f"| {name} | {row['learning_rate']:g} " + _cells(row) for row in rows]
+        for arm in ("baseline", "gc"):
+            accs = [row["test_acc"][f"{arm}_mean"] for row in rows]
+            best = int(np.argmax(accs))
+            out[f"{name} {arm}"] = {
+                "best_learning_rate": rows[best]["learning_rate"],
+                "bracketed": 0 < best < len(rows) - 1,
+            }
+    return out
+
+
+def format_sweep(sweep, n_seeds):
+    rows = [
+        [name, f"{row['learning_rate']:g}", *_cells(row)]
+        for name, rows in sweep.items()
+        for row in rows
+    ]
+    lines = [report.markdown_table(["optimizer", "learning rate", *HEAD], rows)]
     lines.append(
         f"\nmean ± std over {n_seeds} seed(s); GC - baseline: mean of the per-seed "
         f"paired differences ± its standard error. Final epoch; the peak "
         f"learning rate of the schedule."
     )
+    for arm, b in sweep_brackets(sweep).items():
+        if not b["bracketed"]:
+            lines.append(
+                f"{arm}: best at {b['best_learning_rate']:g}, the edge of the "
+                f"sweep; widen --lr-sweep to bracket it"
+            )
     return "\n".join(lines)
 
 
 def plot_sweep(sweep, path, title):
     """Per optimizer, baseline and GC at the last epoch against the learning rate."""
-    plt, fig, axes = _figure(list(sweep))
+    plt, fig, axes = report.figure(len(sweep))
     for col, rows in enumerate(sweep.values()):
         lrs = [row["learning_rate"] for row in rows]
         for row_i, metric in enumerate(YLABELS):
             ax = axes[row_i, col]
             scale = 100 if metric == "test_acc" else 1
-            for arm, (label, color) in zip(("baseline", "gc"), ARM_STYLES, strict=True):
+            for arm, label, color in (
+                ("baseline", "baseline", report.BASELINE_COLOR),
+                ("gc", "GC", report.GC_COLOR),
+            ):
                 mean = [scale * row[metric][f"{arm}_mean"] for row in rows]
                 std = [scale * (row[metric][f"{arm}_std"] or 0) for row in rows]
                 ax.errorbar(lrs, mean, yerr=std, color=color, label=label, marker="o")
             ax.set_xscale("log")
             ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
             ax.minorticks_off()
-    title = f"{title}: last epoch, mean ± std over seeds"
-    _finish(plt, fig, axes, list(sweep), "peak learning rate", path, title)
-
-
-def _finite(tree):
-    """NaN/inf (a diverged run) as null: results.json stays valid JSON."""
-    if isinstance(tree, dict):
-        return {k: _finite(v) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return [_finite(v) for v in tree]
-    if isinstance(tree, float) and not math.isfinite(tree):
-        return None
-    return tree
-
-
-def versions():
-    import flax
-
-    return {
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
-        "optax": optax.__version__,
-        "flax": flax.__version__,
-        "optax_gc": optax_gc.__version__,
-        "device": str(jax.devices()[0]),
-        "machine": platform.machine(),
-    }
+    _label_axes(axes, list(sweep), "peak learning rate")
+    report.save(plt, fig, path, f"{title}: last epoch, mean ± std over seeds")
 
 
 # --- main ---------------------------------------------------------------------
@@ -684,6 +509,19 @@ def parse_args(argv=None):
     )
     p.add_argument("--hidden", type=int, default=128, help="hidden Dense units (128)")
     p.add_argument(
+        "--norm",
+        choices=NORMS,
+        default="batch",
+        help="normalization after every conv: batch (default), group or none",
+    )
+    p.add_argument(
+        "--groups",
+        type=int,
+        default=4,
+        help="GroupNorm's number of groups, with --norm group (4); it must "
+        "divide --width",
+    )
+    p.add_argument(
         "--schedule",
         choices=("cosine", "constant"),
         default="cosine",
@@ -703,8 +541,8 @@ def parse_args(argv=None):
     p.add_argument("--out", help="results folder (default: runs/<dataset>[-lr-sweep])")
     p.add_argument(
         "--data-dir",
-        default=FASHION_DIR,
-        help=f"folder of the official Fashion-MNIST IDX files ({FASHION_DIR})",
+        default=datasets.FASHION_DIR,
+        help=f"folder of the official Fashion-MNIST IDX files ({datasets.FASHION_DIR})",
     )
     p.add_argument(
         "--train-subset", type=int, help="use only the first N training images"
@@ -721,9 +559,19 @@ def parse_args(argv=None):
             f"choose from {', '.join(OPTIMIZERS)}"
         )
     args.optimizers = [n for n in OPTIMIZERS if n in names]
-    for key in ("epochs", "seeds", "batch_size", "width", "stem_stride", "hidden"):
+    for key in (
+        "epochs",
+        "seeds",
+        "batch_size",
+        "width",
+        "stem_stride",
+        "hidden",
+        "groups",
+    ):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
+    if args.norm == "group" and args.width % args.groups:
+        p.error(f"--groups {args.groups} must divide --width {args.width}")
     for key in ("sgd_lr", "adam_lr"):
         if not (getattr(args, key) > 0 and math.isfinite(getattr(args, key))):
             p.error(f"--{key.replace('_', '-')} must be a positive number")
@@ -731,20 +579,24 @@ def parse_args(argv=None):
         p.error("--train-subset must be >= 1")
     if args.out is None:
         args.out = f"runs/{args.dataset}" + ("-lr-sweep" if args.lr_sweep else "")
+        if args.norm != "batch":
+            args.out += f"-{args.norm}norm"
+        if args.batch_size != DEFAULTS[args.dataset]["batch_size"]:
+            args.out += f"-batch{args.batch_size}"
     return args
 
 
 def load(args):
     """The dataset's four arrays, the training images cut to --train-subset."""
-    if args.dataset == "digits":
-        arrays = load_digits()
-    elif args.dataset == "fashion-mnist":
-        arrays = load_fashion_mnist(args.data_dir, None)
-    else:
-        try:
-            arrays = load_subset(SUBSET_FILE)
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"error: {e}")
+    try:
+        if args.dataset == "digits":
+            arrays = datasets.load_digits()
+        elif args.dataset == "fashion-mnist":
+            arrays = datasets.load_fashion_mnist(args.data_dir)
+        else:
+            arrays = datasets.load_subset()
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
     x_train, y_train, x_test, y_test = arrays
     n = args.train_subset
     if n is not None and n > len(x_train):
@@ -781,7 +633,9 @@ def main(argv=None):
     print(
         f"{args.dataset}: {len(x_train)} train / {len(x_test)} test images "
         f"{x_train.shape[1:]}; CNN width {args.width}, stem stride "
-        f"{args.stem_stride}, hidden {args.hidden}; {args.seeds} seed(s) x "
+        f"{args.stem_stride}, hidden {args.hidden}, {args.norm} norm"
+        + (f" ({args.groups} groups)" if args.norm == "group" else "")
+        + f"; {args.seeds} seed(s) x "
         f"{len(arms)} arms ({', '.join(a for a, _, _ in arms)})"
         + (f" x {len(factors)} learning rates" if args.lr_sweep else "")
         + f"; {args.epochs} epoch(s), batch {args.batch_size}, {args.schedule} "
@@ -792,7 +646,8 @@ def main(argv=None):
     seeds = list(range(args.seeds))
     with tqdm(
         total=len(factors) * len(arms) * args.seeds * args.epochs,
-        desc="epochs",
+        desc="epochs of all runs",
+        unit="epoch",
         file=sys.stderr,
         dynamic_ncols=True,
     ) as progress:
@@ -807,8 +662,15 @@ def main(argv=None):
         "schedule": args.schedule,
     }
     config["split"] = {"train": len(x_train), "test": len(x_test)}
-    title = f"{args.dataset}, {len(x_train)} train images, {args.epochs} epochs"
-    results = {"config": config, "versions": versions(), "seconds": round(seconds)}
+    title = (
+        f"{args.dataset}, {len(x_train)} train images, {args.norm} norm, batch "
+        f"{args.batch_size}, {args.epochs} epoch(s)"
+    )
+    results = {
+        "config": config,
+        "versions": harness.versions(),
+        "seconds": round(seconds),
+    }
     if args.lr_sweep:
         sweep = summarize_sweep(runs_by_factor, args.optimizers, seeds)
         table = format_sweep(sweep, len(seeds))
@@ -819,11 +681,20 @@ def main(argv=None):
         (runs,) = runs_by_factor
         summary = summarize(runs, args.optimizers, seeds)
         table = format_table(summary, len(seeds))
-        results |= {"summary": summary, "runs": runs}
+        per_epoch = per_epoch_differences(runs, args.optimizers, seeds)
+        results |= {
+            "summary": summary,
+            "test_acc_diff_per_epoch": per_epoch,
+            "runs": runs,
+        }
         files = ("results.json", "curves.png")
         plot_curves(runs, args.optimizers, out / files[1], title)
-    (out / files[0]).write_text(json.dumps(_finite(results), indent=1))
+    report.write_json(out / files[0], results)
     print(f"\n{args.dataset}, {seconds:.0f} s in all\n{table}")
+    if not args.lr_sweep:
+        print("\ntest accuracy, GC - baseline per epoch (points, mean over seeds):")
+        for name, diffs in per_epoch.items():
+            print(f"  {name}: " + ", ".join(f"{d:+.2f}" for d in diffs))
     print(f"\nwrote {out / files[0]} and {out / files[1]}")
     return results
 
