@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 import optax_gc
+from benchmarks import harness
 from benchmarks.models import GPT2
 
 
@@ -120,10 +121,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"inference{'-tiny' if args.tiny else ''}.json"
     meta = {
-        "machine": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "optax_gc": optax_gc.__version__,
+        **harness.versions(),
+        "processor": platform.processor() or platform.machine(),
         "rounds": rounds,
     }
     path.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")

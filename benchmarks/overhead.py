@@ -26,9 +26,8 @@ import json
 import math
 import pathlib
 import platform
-import statistics
 import sys
-import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +35,7 @@ import numpy as np
 import optax
 
 import optax_gc
+from benchmarks import harness
 from benchmarks.models import CNN, GPT2_RULES, gpt2_small_shapes, resnet50_shapes
 
 # --- gradient trees (real models' shapes are in benchmarks.models) ---------------
@@ -61,10 +61,6 @@ def make_tree(shapes, seed=0, dtype=jnp.float32):
             node = node.setdefault(key, {})
         node[leaf] = jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
     return tree
-
-
-def tree_bytes(tree):
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
 # --- GC formulations ----------------------------------------------------------
@@ -97,40 +93,6 @@ def optax_gc_tree(tree, output_axes=-1):
     return optax_gc.centralize(output_axes=output_axes).update(tree, None)[0]
 
 
-# --- timing -----------------------------------------------------------------------
-
-
-def interleaved(fns: dict, make_args, repeats: int, warmup: int = 3):
-    """Median seconds per call of each fn, calls interleaved round-robin.
-
-    ``make_args(name)`` returns the argument tuple for a call; for donated
-    steps each fn keeps and threads its own state (see ``stateful``).
-    """
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            jax.block_until_ready(fn(*make_args(name)))
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            args = make_args(name)
-            jax.block_until_ready(args)
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(s) for name, s in samples.items()}, samples
-
-
-def stateful(step, init):
-    """Wraps a donated ``state -> state`` step so each call consumes the last."""
-    holder = {"state": init}
-
-    def call():
-        holder["state"] = step(*holder["state"])
-        return holder["state"]
-
-    return call
-
-
 # --- the tables ---------------------------------------------------------------
 
 
@@ -147,7 +109,7 @@ def table_transforms(name, shapes, repeats, output_axes=-1):
             functools.partial(optax_gc_tree, output_axes=output_axes)
         ),
     }
-    medians, samples = interleaved(fns, lambda _: (tree,), repeats)
+    medians, samples = harness.interleaved(fns, lambda _: (tree,), repeats)
     base = medians["copy (roofline proxy)"]
     rows = [(k, v, v / base) for k, v in medians.items()]
     return {
@@ -205,11 +167,11 @@ def table_optimizer(name, shapes, repeats, gc_rules=-1, base="adam"):
         params = make_tree(shapes, 0)
         state = tx.init(params)
         compiled = step.lower(params, grads, state).compile()
-        memory[label] = memory_stats(compiled, state)
-        calls[label] = stateful(
+        memory[label] = harness.memory_stats(compiled, state)
+        calls[label] = harness.stateful(
             lambda p, s, step=step: step(p, grads, s), (params, state)
         )
-    medians, samples = interleaved(
+    medians, samples = harness.interleaved(
         {k: (lambda c=c: c()) for k, c in calls.items()}, lambda _: (), repeats
     )
     base_label = f"optax.{base}"
@@ -235,7 +197,7 @@ def table_update_only(name, shapes, repeats):
     }.items():
         states[label] = tx.init(tree)
         fns[label] = jax.jit(tx.update)
-    medians, samples = interleaved(
+    medians, samples = harness.interleaved(
         fns, lambda label: (grads, states[label], tree), repeats
     )
     base = medians["optax.adam"]
@@ -245,32 +207,6 @@ def table_update_only(name, shapes, repeats):
         "baseline": "optax.adam",
         "samples": samples,
     }
-
-
-def memory_stats(compiled, opt_state):
-    stats = {"opt_state_bytes": tree_bytes(opt_state)}
-    try:
-        m = compiled.memory_analysis()
-    except Exception as e:  # noqa: BLE001 - backends without memory analysis
-        stats["error"] = repr(e)
-        return stats
-    if m is None:
-        return stats
-    for key in (
-        "argument_size_in_bytes",
-        "output_size_in_bytes",
-        "temp_size_in_bytes",
-        "alias_size_in_bytes",
-        "generated_code_size_in_bytes",
-    ):
-        stats[key] = int(getattr(m, key, 0))
-    stats["peak_estimate_bytes"] = (
-        stats["argument_size_in_bytes"]
-        + stats["output_size_in_bytes"]
-        + stats["temp_size_in_bytes"]
-        - stats["alias_size_in_bytes"]
-    )
-    return stats
 
 
 def table_train_step(repeats, tiny):
@@ -312,14 +248,16 @@ def table_train_step(repeats, tiny):
         params = jax.tree.map(jnp.copy, variables["params"])
         stats = jax.tree.map(jnp.copy, variables["batch_stats"])
         state = tx.init(params)
-        memory[label] = memory_stats(step.lower(params, stats, state).compile(), state)
-        calls[label] = stateful(step, (params, stats, state))
-    medians, samples = interleaved(
+        memory[label] = harness.memory_stats(
+            step.lower(params, stats, state).compile(), state
+        )
+        calls[label] = harness.stateful(step, (params, stats, state))
+    medians, samples = harness.interleaved(
         {k: (lambda c=c: c()) for k, c in calls.items()}, lambda _: (), repeats
     )
     base = medians["adam"]
     return {
-        "param_bytes": tree_bytes(variables["params"]),
+        "param_bytes": harness.tree_bytes(variables["params"]),
         "tree": f"Flax CNN train step, batch {batch}x{size}x{size}, width {width}",
         "rows": [(k, v, v / base) for k, v in medians.items()],
         "baseline": "adam",
@@ -340,7 +278,7 @@ def table_compile(shapes, repeats):
         "optax.centralize": fresh(optax_centralize_tree),
         "optax_gc.centralize": fresh(optax_gc_tree),
     }
-    medians, samples = interleaved(
+    medians, samples = harness.interleaved(
         {k: (lambda f=f: f() and 0) for k, f in fns.items()},
         lambda _: (),
         repeats,
@@ -358,51 +296,104 @@ def table_compile(shapes, repeats):
 # --- targets ------------------------------------------------------------------
 
 
-def _ratio(result, label, over):
-    rows = {name: seconds for name, seconds, _ in result["rows"]}
-    return rows[label] / rows[over]
+class Target(NamedTuple):
+    """One target of the overhead issues, read from one kind of table.
+
+    ``numerator`` is a row label, or a tag in brackets that every matching
+    row's label carries (``"[update]"``); ``denominator`` is a row label, or
+    ``None`` for the table's baseline. ``measure`` is ``"time"`` (the ratio of
+    median seconds) or ``"temp"`` (the numerator's temporary memory minus the
+    denominator's, over the parameter bytes). ``baselines`` limits a target to
+    tables with one of these baselines.
+    """
+
+    table: str
+    numerator: str
+    denominator: str | None
+    target: float
+    what: str
+    measure: str = "time"
+    baselines: tuple[str, ...] = ()
 
 
-def targets(results):
-    """Every target of the overhead issue: (what, measured, target)."""
+TARGETS = (
+    Target(
+        "transforms",
+        "optax_gc.centralize",
+        "naive g - g.mean(fan_in)",
+        1.0,
+        "{tree}: centralize / naive",
+    ),
+    Target(
+        "transforms",
+        "optax_gc.centralize",
+        "copy (roofline proxy)",
+        1.25,
+        "{tree}: centralize / copy (stretch)",
+    ),
+    Target("optimizer", "[update]", None, 1.35, "{tree}: {row} / {base}"),
+    Target(
+        "optimizer",
+        "[gradient]",
+        None,
+        1.05,
+        "{tree}: {row} / {base}, step",
+        baselines=("optax.adam",),
+    ),
+    Target(
+        "update_only",
+        "chain(centralize(), adam) [gradient]",
+        "optax.adam",
+        1.05,
+        "{tree}: {row} / adam, update only",
+    ),
+    Target(
+        "train_step", "gc_adam (update)", "adam", 1.05, "train step: {row} / adam, time"
+    ),
+    Target(
+        "train_step",
+        "gc_adam (update)",
+        "adam",
+        0.05,
+        "train step: {row} temp - adam's, x param bytes",
+        measure="temp",
+    ),
+)
+
+
+def _measure(result, target, row, over):
+    if target.measure == "time":
+        seconds = {name: sec for name, sec, _ in result["rows"]}
+        return seconds[row] / seconds[over]
+    memory = result["memory"]
+    temp = memory[row].get("temp_size_in_bytes")
+    if temp is None:  # a backend without memory analysis
+        return None
+    return (temp - memory[over]["temp_size_in_bytes"]) / result["param_bytes"]
+
+
+def targets(results, table=TARGETS):
+    """Every target in ``table`` met by the results: ``(what, measured, target)``."""
     out = []
     for res in results:
-        kind, tree = res.get("kind"), res["tree"].split(":")[0]
-        if kind == "transforms":
-            gc = "optax_gc.centralize"
-            naive, copy = "naive g - g.mean(fan_in)", "copy (roofline proxy)"
-            out.append((f"{tree}: centralize / naive", _ratio(res, gc, naive), 1.0))
-            out.append(
-                (f"{tree}: centralize / copy (stretch)", _ratio(res, gc, copy), 1.25)
-            )
-        elif kind == "optimizer":
-            base = res["baseline"]
-            for label, _, ratio in res["rows"]:
-                if "[update]" in label:
-                    out.append((f"{tree}: {label} / {base}", ratio, 1.35))
-                if "[gradient]" in label and base == "optax.adam":
-                    out.append((f"{tree}: {label} / {base}, step", ratio, 1.05))
-        elif kind == "update_only":
-            label = "chain(centralize(), adam) [gradient]"
-            out.append(
-                (
-                    f"{tree}: {label} / adam, update only",
-                    _ratio(res, label, "optax.adam"),
-                    1.05,
-                )
-            )
-        elif kind == "train_step":
-            label = "gc_adam (update)"
-            out.append(
-                (f"train step: {label} / adam, time", _ratio(res, label, "adam"), 1.05)
-            )
-            mem = res["memory"]
-            extra = mem[label].get("temp_size_in_bytes")
-            if extra is not None:
-                extra = (extra - mem["adam"]["temp_size_in_bytes"]) / res["param_bytes"]
-                out.append(
-                    (f"train step: {label} temp - adam's, x param bytes", extra, 0.05)
-                )
+        tree = res["tree"].split(":")[0]
+        for t in table:
+            if t.table != res.get("kind"):
+                continue
+            if t.baselines and res["baseline"] not in t.baselines:
+                continue
+            over = t.denominator or res["baseline"]
+            tagged = t.numerator.startswith("[")
+            rows = [
+                name
+                for name, _, _ in res["rows"]
+                if (t.numerator in name if tagged else name == t.numerator)
+            ]
+            for row in rows:
+                value = _measure(res, t, row, over)
+                if value is not None:
+                    what = t.what.format(tree=tree, row=row, base=over)
+                    out.append((what, value, t.target))
     return out
 
 
@@ -489,7 +480,7 @@ def main(argv=None):
         if callable(axes):  # GPT-2: our per-leaf rules vs plain -1
             tree = make_tree(shapes)
             rules_fn = jax.jit(functools.partial(optax_gc_tree, output_axes=axes))
-            med, _ = interleaved(
+            med, _ = harness.interleaved(
                 {"copy": jax.jit(copy_tree), "rules": rules_fn},
                 lambda _, tree=tree: (tree,),
                 repeats,
@@ -524,7 +515,8 @@ def main(argv=None):
     results.append(res)
     print(fmt_table(res), flush=True)
     state = optax_gc.centralize().init(make_tree(trees[next(iter(trees))][0]))
-    print(f"\noptax_gc.centralize() state: {state!r}, {tree_bytes(state)} bytes")
+    state_bytes = harness.tree_bytes(state)
+    print(f"\noptax_gc.centralize() state: {state!r}, {state_bytes} bytes")
     res = table_compile(compile_shapes, 1 if args.tiny else max(5, repeats // 3))
     results.append(res)
     print(fmt_table(res), flush=True)
@@ -542,12 +534,7 @@ def main(argv=None):
                 "device": str(device),
                 "device_kind": device.device_kind,
                 "backend": jax.default_backend(),
-                "versions": {
-                    "jax": jax.__version__,
-                    "optax": optax.__version__,
-                    "optax_gc": optax_gc.__version__,
-                    "python": platform.python_version(),
-                },
+                "versions": harness.versions(),
                 "argv": sys.argv[1:] if argv is None else argv,
                 "shapes": {
                     name: {k: list(v) for k, v in s.items()}

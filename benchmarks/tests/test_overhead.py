@@ -43,3 +43,25 @@ def test_targets_reads_each_table():
 
 def test_small_kernels_tree():
     assert len(overhead.small_kernels_shapes()) == 1000
+
+
+def test_targets_are_data_a_tag_matches_every_tagged_row():
+    res = {
+        "kind": "optimizer",
+        "tree": "T: x",
+        "baseline": "optax.lion",
+        "rows": [
+            ("optax.lion", 2.0, 1.0),
+            ("a [update]", 3.0, 1.5),
+            ("b [update]", 2.2, 1.1),
+            ("c [update, plain]", 9.0, 4.5),
+        ],
+    }
+    table = (overhead.Target("optimizer", "[update]", None, 1.2, "{tree}: {row}"),)
+    assert overhead.targets([res], table) == [
+        ("T: a [update]", 1.5, 1.2),
+        ("T: b [update]", 1.1, 1.2),
+    ]
+    # A target limited to Adam's tables reads nothing from Lion's.
+    only_adam = (table[0]._replace(baselines=("optax.adam",)),)
+    assert overhead.targets([res], only_adam) == []
