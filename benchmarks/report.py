@@ -96,30 +96,38 @@ def figure(ncols: int, nrows: int = 2, width: float = 4.2, height: float = 3.25)
 def plot_band(ax, x, values, color, label):
     """Mean over runs (rows of ``values``) as a line, ± the runs' std as a band.
 
-    One run draws no band; one point draws a marker that can be seen.
+    One run draws no band; one point draws a marker that can be seen. Returns
+    the band's lower and upper edges (the mean itself for one run), for
+    ``focus_ylim``.
     """
     values = np.asarray(values, np.float64)
     mean = values.mean(0)
     ax.plot(x, mean, color=color, label=label, marker="o" if len(x) == 1 else ".")
-    if len(values) > 1:
-        std = values.std(0, ddof=1)
-        if len(x) == 1:
-            ax.errorbar(x, mean, yerr=std, color=color, capsize=4)
-        else:
-            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2)
-    return mean
+    if len(values) < 2:
+        return mean, mean
+    std = values.std(0, ddof=1)
+    if len(x) == 1:
+        ax.errorbar(x, mean, yerr=std, color=color, capsize=4)
+    else:
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2)
+    return mean - std, mean + std
 
 
-def focus_ylim(ax, curves, tail: float = 0.5, pad: float = 0.15):
+def focus_ylim(ax, lows, highs, tail: float = 0.6, pad: float = 0.2):
     """Scales the y axis to the last ``tail`` of the curves, where they end.
 
-    Early points far outside that range (the first epochs' low accuracy) are
-    cut off, so that the final differences are visible.
+    ``lows`` and ``highs`` are the curves' lower and upper edges (bands, or the
+    curves themselves). Early points far outside that range (the first
+    epochs' low accuracy) are cut off, so that the final differences are
+    visible.
     """
-    ends = [np.asarray(c, np.float64) for c in curves]
-    ends = [c[int(len(c) * (1 - tail)) :] if len(c) > 2 else c for c in ends]
-    lo = min(float(np.nanmin(c)) for c in ends)
-    hi = max(float(np.nanmax(c)) for c in ends)
+
+    def ends(curves):
+        curves = [np.asarray(c, np.float64) for c in curves]
+        return [c[int(len(c) * (1 - tail)) :] if len(c) > 2 else c for c in curves]
+
+    lo = min(float(np.nanmin(c)) for c in ends(lows))
+    hi = max(float(np.nanmax(c)) for c in ends(highs))
     span = hi - lo if hi > lo else max(abs(hi), 1.0) * 0.01
     ax.set_ylim(lo - pad * span, hi + pad * span)
 

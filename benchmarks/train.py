@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import json
 import math
 import pathlib
 import sys
@@ -353,7 +354,7 @@ def _label_axes(axes, names, xlabel):
                 ax.set_yscale("log")
                 ax.set_title(TITLES[name])
             ax.grid(alpha=0.3)
-            ax.legend()
+            ax.legend(loc="upper right" if metric == "train_loss" else "lower right")
 
 
 def plot_curves(runs, optimizers, path, title):
@@ -364,7 +365,7 @@ def plot_curves(runs, optimizers, path, title):
     """
     plt, fig, axes = report.figure(len(optimizers))
     for col, name in enumerate(optimizers):
-        accuracy = []
+        lows, highs = [], []
         for arm, label, color in (
             (base_arm(name), "baseline", report.BASELINE_COLOR),
             (f"{name}+gc", "GC", report.GC_COLOR),
@@ -374,14 +375,15 @@ def plot_curves(runs, optimizers, path, title):
             for row, metric in enumerate(YLABELS):
                 values = np.array([[h[metric] for h in run] for run in hist])
                 scale = 100 if metric == "test_acc" else 1
-                mean = report.plot_band(
+                low, high = report.plot_band(
                     axes[row, col], epochs, scale * values, color, label
                 )
                 if metric == "test_acc":
-                    accuracy.append(mean)
+                    lows.append(low)
+                    highs.append(high)
             for row in range(2):
                 report.integer_ticks(axes[row, col], epochs)
-        report.focus_ylim(axes[1, col], accuracy)
+        report.focus_ylim(axes[1, col], lows, highs)
     _label_axes(axes, optimizers, "epoch")
     seeds = len({r["seed"] for r in runs})
     spread = "mean ± std over seeds" if seeds > 1 else "one seed"
@@ -538,7 +540,18 @@ def parse_args(argv=None):
         help="train every arm at these multiples of its learning rate instead "
         f"(default factors {','.join(f'{f:g}' for f in SWEEP_FACTORS)})",
     )
-    p.add_argument("--out", help="results folder (default: runs/<dataset>[-lr-sweep])")
+    p.add_argument(
+        "--out",
+        help="results folder (default: runs/<dataset>[-lr-sweep][-<norm>norm]"
+        "[-batch<size>])",
+    )
+    p.add_argument(
+        "--replot",
+        metavar="RESULTS",
+        type=pathlib.Path,
+        help="train nothing: redraw the figure of a results.json or sweep.json "
+        "beside it",
+    )
     p.add_argument(
         "--data-dir",
         default=datasets.FASHION_DIR,
@@ -607,8 +620,36 @@ def load(args):
     return x_train[:n], y_train[:n], x_test, y_test
 
 
+def _title(config, n_train):
+    return (
+        f"{config['dataset']}, {n_train} train images, "
+        f"{config.get('norm', 'batch')} norm, batch {config['batch_size']}, "
+        f"{config['epochs']} epoch(s)"
+    )
+
+
+def replot(path: pathlib.Path) -> pathlib.Path:
+    """Redraws the figure of a results file written by this script, beside it."""
+    try:
+        results = json.loads(path.read_text())
+        config = results["config"]
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"error: --replot {path}: not a results file of this script ({e})")
+    title = _title(config, config["split"]["train"])
+    if "sweep" in results:
+        figure = path.parent / "lr_sweep.png"
+        plot_sweep(results["sweep"], figure, title)
+    else:
+        figure = path.parent / "curves.png"
+        plot_curves(results["runs"], list(results["summary"]), figure, title)
+    return figure
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.replot:
+        print(f"wrote {replot(args.replot)}")
+        return None
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -662,10 +703,7 @@ def main(argv=None):
         "schedule": args.schedule,
     }
     config["split"] = {"train": len(x_train), "test": len(x_test)}
-    title = (
-        f"{args.dataset}, {len(x_train)} train images, {args.norm} norm, batch "
-        f"{args.batch_size}, {args.epochs} epoch(s)"
-    )
+    title = _title(config, len(x_train))
     results = {
         "config": config,
         "versions": harness.versions(),

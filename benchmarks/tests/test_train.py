@@ -163,6 +163,9 @@ def test_missing_fashion_mnist_names_package_and_flag(tmp_path):
         ["--lr-sweep", "nan"],
         ["--adam-lr", "inf"],
         ["--optimizers", ","],
+        ["--norm", "layer"],
+        ["--groups", "0"],
+        ["--groups", "3", "--norm", "group"],
     ],
 )
 def test_bad_options_exit_with_usage_error(bad, capsys):
@@ -183,3 +186,37 @@ def test_bad_options_exit_with_usage_error(bad, capsys):
 def test_options_the_data_cannot_meet_exit_with_a_message(bad, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
         train.main(bad + ["--out", str(tmp_path)])
+
+
+def test_replot_redraws_a_results_file(tmp_path):
+    out = tmp_path / "run"
+    args = ["--dataset", "digits", "--seeds", "1", "--optimizers", "sgd"] + TINY
+    train.main(args + ["--out", str(out)])
+    (out / "curves.png").unlink()
+    assert train.main(["--replot", str(out / "results.json")]) is None
+    _check_png(out / "curves.png")
+    with pytest.raises(SystemExit, match="not a results file"):
+        train.main(["--replot", str(tmp_path / "missing.json")])
+
+
+def test_sweep_says_when_the_best_rate_is_at_an_edge():
+    def row(lr, base, gc):
+        return {
+            "learning_rate": lr,
+            "test_acc": {"baseline_mean": base, "gc_mean": gc},
+        }
+
+    sweep = {"sgd": [row(0.1, 0.80, 0.85), row(0.2, 0.90, 0.84), row(0.4, 0.85, 0.80)]}
+    assert train.sweep_brackets(sweep) == {
+        "sgd baseline": {"best_learning_rate": 0.2, "bracketed": True},
+        "sgd gc": {"best_learning_rate": 0.1, "bracketed": False},
+    }
+
+
+@pytest.mark.parametrize("norm", ["group", "none"])
+def test_other_norms_train_and_are_recorded(tmp_path, norm):
+    out = tmp_path / norm
+    args = ["--seeds", "1", "--optimizers", "adam-grad", "--norm", norm] + TINY
+    results = train.main(args + ["--out", str(out)])
+    assert results["config"]["norm"] == norm
+    _check_outputs(out, n_runs=2, epochs=1)
