@@ -10,6 +10,7 @@ apart: same initial parameters, same data order, same software.
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import statistics
 import time
@@ -91,6 +92,18 @@ def tree_sha256(tree) -> str:
     return digest.hexdigest()[:16]
 
 
+def cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo`` where there is one)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def versions() -> dict:
     """The software and device a result was measured with."""
     try:
@@ -111,4 +124,6 @@ def versions() -> dict:
         "device": str(device),
         "device_kind": device.device_kind,
         "machine": platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
     }

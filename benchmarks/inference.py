@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import platform
 import statistics
 import time
 
@@ -122,7 +121,6 @@ def main(argv=None):
     path = out / f"inference{'-tiny' if args.tiny else ''}.json"
     meta = {
         **harness.versions(),
-        "processor": platform.processor() or platform.machine(),
         "rounds": rounds,
     }
     path.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
