@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,6 +33,49 @@ def paired_stats(base, gc) -> dict:
         "diff_mean": float(diff.mean()),
         "diff_se": float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
     }
+
+
+class Pair(NamedTuple):
+    """A comparison: the GC arm against its baseline arm, under a title."""
+
+    title: str
+    baseline: str
+    gc: str
+
+
+def _histories(runs):
+    return {(r["arm"], r["seed"]): r["history"] for r in runs}
+
+
+def final_stats(runs, pairs: dict[str, Pair], metrics, seeds) -> dict:
+    """``{pair: {metric: paired_stats}}`` of each run's last history entry.
+
+    ``runs`` are dicts with ``arm``, ``seed`` and ``history`` (a list of
+    ``{metric: value}``, one per evaluation).
+    """
+    hist = _histories(runs)
+    return {
+        name: {
+            m: paired_stats(
+                [hist[(pair.baseline, s)][-1][m] for s in seeds],
+                [hist[(pair.gc, s)][-1][m] for s in seeds],
+            )
+            for m in metrics
+        }
+        for name, pair in pairs.items()
+    }
+
+
+def curve_differences(runs, pairs: dict[str, Pair], metric, seeds, scale=1.0):
+    """``{pair: [mean over seeds of GC - baseline at each evaluation]}``."""
+    hist = _histories(runs)
+    out = {}
+    for name, pair in pairs.items():
+        base = [[h[metric] for h in hist[(pair.baseline, s)]] for s in seeds]
+        gc = [[h[metric] for h in hist[(pair.gc, s)]] for s in seeds]
+        diff = scale * np.mean(np.subtract(gc, base), 0)
+        out[name] = [round(float(v), 4) for v in diff]
+    return out
 
 
 # --- tables ------------------------------------------------------------------------
@@ -57,6 +101,34 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+class Column(NamedTuple):
+    """A metric's three columns in a table: baseline, GC, GC - baseline."""
+
+    metric: str
+    label: str
+    scale: float = 1.0
+    fmt: str = ".4f"
+
+
+def stats_table(summary: dict, columns, first: str = "comparison", lead=None):
+    """A markdown table of ``final_stats``: one row per pair.
+
+    ``lead`` maps a row's name to extra leading cells (e.g. a learning rate),
+    whose headers follow ``first``.
+    """
+    head = [first]
+    rows = []
+    for name, row in summary.items():
+        extra = list(lead(name)) if lead else []
+        cells = [name, *extra]
+        for c in columns:
+            cells += stats_cells(row[c.metric], c.scale, c.fmt)
+        rows.append(cells)
+    for c in columns:
+        head += [f"{c.label}, baseline", f"{c.label}, GC", "GC - baseline"]
+    return head, rows
 
 
 # --- results files -------------------------------------------------------------------
@@ -139,6 +211,54 @@ def integer_ticks(ax, x):
     ax.set_xticks(x[::step])
     if len(x) == 1:
         ax.set_xlim(x[0] - 1, x[0] + 1)
+
+
+class Panel(NamedTuple):
+    """One row of a curves figure: a metric against the evaluation axis."""
+
+    metric: str
+    label: str
+    scale: float = 1.0
+    log: bool = False
+    focus: bool = False  # scale the y axis to where the curves end
+    legend: str = "upper right"
+
+
+def plot_pairs(runs, pairs: dict[str, Pair], panels, x_key, xlabel, path, title):
+    """A column per pair, a row per panel: baseline and GC, mean ± std of seeds.
+
+    ``x_key`` is the history entries' evaluation axis (``"epoch"``, ``"step"``).
+    """
+    plt, fig, axes = figure(len(pairs), len(panels))
+    seeds = len({r["seed"] for r in runs})
+    for col, pair in enumerate(pairs.values()):
+        for row, panel in enumerate(panels):
+            ax = axes[row, col]
+            lows, highs = [], []
+            for arm, label, color in (
+                (pair.baseline, "baseline", BASELINE_COLOR),
+                (pair.gc, "GC", GC_COLOR),
+            ):
+                hist = [r["history"] for r in runs if r["arm"] == arm]
+                x = [h[x_key] for h in hist[0]]
+                values = [[panel.scale * h[panel.metric] for h in run] for run in hist]
+                low, high = plot_band(ax, x, values, color, label)
+                lows.append(low)
+                highs.append(high)
+            if x_key == "epoch":
+                integer_ticks(ax, x)
+            if panel.log:
+                ax.set_yscale("log")
+            if panel.focus:
+                focus_ylim(ax, lows, highs)
+            if row == 0:
+                ax.set_title(pair.title)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(panel.label)
+            ax.grid(alpha=0.3)
+            ax.legend(loc=panel.legend)
+    spread = "mean ± std over seeds" if seeds > 1 else "one seed"
+    save(plt, fig, path, f"{title}: {spread}")
 
 
 def save(plt, fig, path, title):

@@ -288,106 +288,52 @@ def train_arms(args, data, factor=1.0, progress=None):
 # --- reporting ---------------------------------------------------------------------
 
 
+def pairs_for(optimizers) -> dict[str, report.Pair]:
+    return {
+        name: report.Pair(TITLES[name], base_arm(name), f"{name}+gc")
+        for name in optimizers
+    }
+
+
+METRICS = ("train_loss", "test_acc")
+COLUMNS = (
+    report.Column("train_loss", "train loss", 1, ".4f"),
+    report.Column("test_acc", "test acc %", 100, ".2f"),
+)
+PANELS = (
+    report.Panel("train_loss", "train loss", log=True),
+    report.Panel("test_acc", "test accuracy %", 100, focus=True, legend="lower right"),
+)
+
+
 def summarize(runs, optimizers, seeds):
     """Per optimizer: final train loss / test accuracy, baseline vs GC, paired diff."""
-    final = {(r["arm"], r["seed"]): r["history"][-1] for r in runs}
-    summary = {}
-    for name in optimizers:
-        summary[name] = {
-            metric: report.paired_stats(
-                [final[(base_arm(name), s)][metric] for s in seeds],
-                [final[(f"{name}+gc", s)][metric] for s in seeds],
-            )
-            for metric in ("train_loss", "test_acc")
-        }
-    return summary
+    return report.final_stats(runs, pairs_for(optimizers), METRICS, seeds)
 
 
 def per_epoch_differences(runs, optimizers, seeds):
     """Per optimizer and epoch: the paired test-accuracy difference, in points."""
-    hist = {(r["arm"], r["seed"]): r["history"] for r in runs}
-    out = {}
-    for name in optimizers:
-        base = [[h["test_acc"] for h in hist[(base_arm(name), s)]] for s in seeds]
-        gc = [[h["test_acc"] for h in hist[(f"{name}+gc", s)]] for s in seeds]
-        out[name] = [
-            round(float(v), 3) for v in 100 * np.mean(np.subtract(gc, base), 0)
-        ]
-    return out
-
-
-def _cells(row):
-    return report.stats_cells(row["train_loss"], 1, ".4f") + report.stats_cells(
-        row["test_acc"], 100, ".2f"
-    )
-
-
-HEAD = [
-    "train loss, baseline",
-    "train loss, GC",
-    "GC - baseline",
-    "test acc %, baseline",
-    "test acc %, GC",
-    "GC - baseline",
-]
+    pairs = pairs_for(optimizers)
+    return report.curve_differences(runs, pairs, "test_acc", seeds, 100)
 
 
 def format_table(summary, n_seeds):
-    rows = [[name, *_cells(row)] for name, row in summary.items()]
-    return report.markdown_table(["optimizer", *HEAD], rows) + (
+    head, rows = report.stats_table(summary, COLUMNS, "optimizer")
+    return report.markdown_table(head, rows) + (
         f"\n\nmean ± std over {n_seeds} seed(s); GC - baseline: mean of the per-seed "
         f"paired differences ± its standard error. Final epoch; train loss is "
         f"the mean minibatch loss over that epoch (training mode)."
     )
 
 
-YLABELS = {"train_loss": "train loss", "test_acc": "test accuracy %"}
-
-
-def _label_axes(axes, names, xlabel):
-    for col, name in enumerate(names):
-        for row, metric in enumerate(YLABELS):
-            ax = axes[row, col]
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(YLABELS[metric])
-            if metric == "train_loss":
-                ax.set_yscale("log")
-                ax.set_title(TITLES[name])
-            ax.grid(alpha=0.3)
-            ax.legend(loc="upper right" if metric == "train_loss" else "lower right")
-
-
 def plot_curves(runs, optimizers, path, title):
     """Per optimizer, baseline and GC per epoch: mean and a ±std band over seeds.
 
-    The accuracy panels are scaled to the second half of the run, where the
+    The accuracy panels are scaled to the last 60% of the run, where the
     final differences are; the first epochs' lower accuracy runs off the panel.
     """
-    plt, fig, axes = report.figure(len(optimizers))
-    for col, name in enumerate(optimizers):
-        lows, highs = [], []
-        for arm, label, color in (
-            (base_arm(name), "baseline", report.BASELINE_COLOR),
-            (f"{name}+gc", "GC", report.GC_COLOR),
-        ):
-            hist = [r["history"] for r in runs if r["arm"] == arm]
-            epochs = np.arange(1, len(hist[0]) + 1)
-            for row, metric in enumerate(YLABELS):
-                values = np.array([[h[metric] for h in run] for run in hist])
-                scale = 100 if metric == "test_acc" else 1
-                low, high = report.plot_band(
-                    axes[row, col], epochs, scale * values, color, label
-                )
-                if metric == "test_acc":
-                    lows.append(low)
-                    highs.append(high)
-            for row in range(2):
-                report.integer_ticks(axes[row, col], epochs)
-        report.focus_ylim(axes[1, col], lows, highs)
-    _label_axes(axes, optimizers, "epoch")
-    seeds = len({r["seed"] for r in runs})
-    spread = "mean ± std over seeds" if seeds > 1 else "one seed"
-    report.save(plt, fig, path, f"{title}: {spread}")
+    pairs = pairs_for(optimizers)
+    report.plot_pairs(runs, pairs, PANELS, "epoch", "epoch", path, title)
 
 
 def summarize_sweep(runs_by_factor, optimizers, seeds):
@@ -420,12 +366,13 @@ def sweep_brackets(sweep):
 
 
 def format_sweep(sweep, n_seeds):
-    rows = [
-        [name, f"{row['learning_rate']:g}", *_cells(row)]
-        for name, rows in sweep.items()
-        for row in rows
-    ]
-    lines = [report.markdown_table(["optimizer", "learning rate", *HEAD], rows)]
+    rows = []
+    for name, sweep_rows in sweep.items():
+        for row in sweep_rows:
+            _, (cells,) = report.stats_table({name: row}, COLUMNS)
+            rows.append([cells[0], f"{row['learning_rate']:g}", *cells[1:]])
+    head, _ = report.stats_table({}, COLUMNS, "optimizer")
+    lines = [report.markdown_table([head[0], "learning rate", *head[1:]], rows)]
     lines.append(
         f"\nmean ± std over {n_seeds} seed(s); GC - baseline: mean of the per-seed "
         f"paired differences ± its standard error. Final epoch; the peak "
@@ -443,11 +390,11 @@ def format_sweep(sweep, n_seeds):
 def plot_sweep(sweep, path, title):
     """Per optimizer, baseline and GC at the last epoch against the learning rate."""
     plt, fig, axes = report.figure(len(sweep))
-    for col, rows in enumerate(sweep.values()):
+    for col, (name, rows) in enumerate(sweep.items()):
         lrs = [row["learning_rate"] for row in rows]
-        for row_i, metric in enumerate(YLABELS):
+        for row_i, panel in enumerate(PANELS):
             ax = axes[row_i, col]
-            scale = 100 if metric == "test_acc" else 1
+            metric, scale = panel.metric, panel.scale
             for arm, label, color in (
                 ("baseline", "baseline", report.BASELINE_COLOR),
                 ("gc", "GC", report.GC_COLOR),
@@ -458,7 +405,14 @@ def plot_sweep(sweep, path, title):
             ax.set_xscale("log")
             ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
             ax.minorticks_off()
-    _label_axes(axes, list(sweep), "peak learning rate")
+            if panel.log:
+                ax.set_yscale("log")
+            if row_i == 0:
+                ax.set_title(TITLES[name])
+            ax.set_xlabel("peak learning rate")
+            ax.set_ylabel(panel.label)
+            ax.grid(alpha=0.3)
+            ax.legend()
     report.save(plt, fig, path, f"{title}: last epoch, mean ± std over seeds")
 
 

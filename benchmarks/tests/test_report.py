@@ -58,3 +58,42 @@ def test_one_point_and_one_run_draw_a_visible_marker():
     report.integer_ticks(ax, [1])
     assert ax.get_xlim() == (0, 2)
     plt.close(fig)
+
+
+def _runs():
+    # Two seeds; GC is 0.1 better than the baseline at the end of seed 0 and
+    # 0.3 better at the end of seed 1.
+    def run(arm, seed, values):
+        return {
+            "arm": arm,
+            "seed": seed,
+            "history": [{"step": i, "loss": v} for i, v in enumerate(values)],
+        }
+
+    return [
+        run("base", 0, [2.0, 1.0]),
+        run("gc", 0, [2.0, 0.9]),
+        run("base", 1, [2.2, 1.2]),
+        run("gc", 1, [2.0, 0.9]),
+    ]
+
+
+def test_final_stats_and_curve_differences_pair_runs_by_seed():
+    pairs = {"GC": report.Pair("GC vs base", "base", "gc")}
+    summary = report.final_stats(_runs(), pairs, ["loss"], [0, 1])
+    stats = summary["GC"]["loss"]
+    assert stats["diff_mean"] == pytest.approx(-0.2)
+    assert stats["diff_se"] == pytest.approx(0.1)  # std of (-0.1, -0.3) / sqrt(2)
+    diffs = report.curve_differences(_runs(), pairs, "loss", [0, 1])
+    assert diffs == {"GC": [pytest.approx(-0.1), pytest.approx(-0.2)]}
+    head, rows = report.stats_table(summary, [report.Column("loss", "loss", 1, ".2f")])
+    assert head == ["comparison", "loss, baseline", "loss, GC", "GC - baseline"]
+    assert rows == [["GC", "1.10 ± 0.14", "0.90 ± 0.00", "-0.20 ± 0.10"]]
+
+
+def test_plot_pairs_writes_a_figure(tmp_path):
+    pairs = {"GC": report.Pair("GC vs base", "base", "gc")}
+    panels = [report.Panel("loss", "loss", log=True, focus=True)]
+    path = tmp_path / "f.png"
+    report.plot_pairs(_runs(), pairs, panels, "step", "step", path, "t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
