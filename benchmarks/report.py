@@ -222,6 +222,41 @@ class Panel(NamedTuple):
     log: bool = False
     focus: bool = False  # scale the y axis to where the curves end
     legend: str = "upper right"
+    difference: bool = False  # GC - baseline paired per seed, ± its SE
+
+
+def _plot_difference(ax, runs, pair, panel, x_key):
+    """The paired difference GC - baseline per evaluation: mean ± SE, and zero."""
+    hist = _histories(runs)
+    seeds = sorted({r["seed"] for r in runs if r["arm"] == pair.gc})
+    diffs = np.array(
+        [
+            [
+                panel.scale * (g[panel.metric] - b[panel.metric])
+                for b, g in zip(
+                    hist[(pair.baseline, s)], hist[(pair.gc, s)], strict=True
+                )
+            ]
+            for s in seeds
+        ]
+    )
+    x = [h[x_key] for h in hist[(pair.gc, seeds[0])]]
+    mean = diffs.mean(0)
+    ax.axhline(0.0, color=BASELINE_COLOR, lw=1)
+    ax.plot(
+        x,
+        mean,
+        color=GC_COLOR,
+        marker="o" if len(x) == 1 else ".",
+        label="GC - baseline" + (" ± SE" if len(seeds) > 1 else ""),
+    )
+    if len(seeds) > 1:
+        se = diffs.std(0, ddof=1) / math.sqrt(len(seeds))
+        if len(x) == 1:
+            ax.errorbar(x, mean, yerr=se, color=GC_COLOR, capsize=4)
+        else:
+            ax.fill_between(x, mean - se, mean + se, color=GC_COLOR, alpha=0.2)
+    return x
 
 
 def plot_pairs(runs, pairs: dict[str, Pair], panels, x_key, xlabel, path, title):
@@ -235,9 +270,16 @@ def plot_pairs(runs, pairs: dict[str, Pair], panels, x_key, xlabel, path, title)
         for row, panel in enumerate(panels):
             ax = axes[row, col]
             lows, highs = [], []
+            if panel.difference:
+                x = _plot_difference(ax, runs, pair, panel, x_key)
+                panel = panel._replace(focus=False, log=False)
             for arm, label, color in (
-                (pair.baseline, "baseline", BASELINE_COLOR),
-                (pair.gc, "GC", GC_COLOR),
+                ()
+                if panel.difference
+                else (
+                    (pair.baseline, "baseline", BASELINE_COLOR),
+                    (pair.gc, "GC", GC_COLOR),
+                )
             ):
                 hist = [r["history"] for r in runs if r["arm"] == arm]
                 x = [h[x_key] for h in hist[0]]

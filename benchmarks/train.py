@@ -303,6 +303,7 @@ COLUMNS = (
 PANELS = (
     report.Panel("train_loss", "train loss", log=True),
     report.Panel("test_acc", "test accuracy %", 100, focus=True, legend="lower right"),
+    report.Panel("test_acc", "test accuracy, points", 100, difference=True),
 )
 
 
@@ -331,6 +332,8 @@ def plot_curves(runs, optimizers, path, title):
 
     The accuracy panels are scaled to the last 60% of the run, where the
     final differences are; the first epochs' lower accuracy runs off the panel.
+    The last row is the paired test-accuracy difference GC - baseline ± its
+    standard error.
     """
     pairs = pairs_for(optimizers)
     report.plot_pairs(runs, pairs, PANELS, "epoch", "epoch", path, title)
@@ -392,7 +395,7 @@ def plot_sweep(sweep, path, title):
     plt, fig, axes = report.figure(len(sweep))
     for col, (name, rows) in enumerate(sweep.items()):
         lrs = [row["learning_rate"] for row in rows]
-        for row_i, panel in enumerate(PANELS):
+        for row_i, panel in enumerate(PANELS[:2]):  # no difference row
             ax = axes[row_i, col]
             metric, scale = panel.metric, panel.scale
             for arm, label, color in (

@@ -93,7 +93,14 @@ def test_final_stats_and_curve_differences_pair_runs_by_seed():
 
 def test_plot_pairs_writes_a_figure(tmp_path):
     pairs = {"GC": report.Pair("GC vs base", "base", "gc")}
-    panels = [report.Panel("loss", "loss", log=True, focus=True)]
+    panels = [
+        report.Panel("loss", "loss", log=True, focus=True),
+        report.Panel("loss", "loss", difference=True),
+    ]
     path = tmp_path / "f.png"
     report.plot_pairs(_runs(), pairs, panels, "step", "step", path, "t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    height, width, _ = matplotlib.image.imread(path).shape
+    assert height > 1.5 * width  # one column, two rows
