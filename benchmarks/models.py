@@ -1,4 +1,5 @@
-"""Model code shared by the benchmarks: the Flax CNN and real parameter shapes.
+"""Model code shared by the benchmarks: the Flax CNN, the byte-level LM and
+real parameter shapes.
 
 ``CNN`` is the network ``benchmarks.train`` trains and ``benchmarks.overhead``
 times a full train step of. The ``*_shapes`` builders give the ``{path: shape}``
@@ -6,7 +7,9 @@ of real models' parameters in Flax layout (kernels ``(..., in, out)``), from
 which ``benchmarks.overhead`` builds random gradient trees; ``GPT2_RULES`` are
 the GC output axes for the GPT-2 tree, written by hand. ``GPT2`` is a Flax
 linen GPT-2 whose parameter tree is ``gpt2_small_shapes``: the model
-``benchmarks.inference`` reads the output axes of.
+``benchmarks.inference`` reads the output axes of. ``TransformerLM`` is the
+small pre-LN decoder, layers stacked with ``nn.scan``, that ``benchmarks.lm``
+trains on the standard library's sources.
 """
 
 from __future__ import annotations
@@ -167,3 +170,61 @@ class GPT2(nn.Module):
         for i in range(self.layers):
             x = _GPT2Block(self.heads, name=f"h_{i}")(x, mask)
         return wte.attend(nn.LayerNorm(name="ln_f")(x))
+
+
+class _LMBlock(nn.Module):
+    """One pre-LN decoder block: ``x + attn(LN(x))``, then ``x + MLP(LN(x))``.
+
+    Called by ``nn.scan`` as ``(carry, _) -> (carry, None)``. The attention is
+    causal (each position attends to itself and the positions before it),
+    ``nn.MultiHeadDotProductAttention`` with ``heads`` heads over the whole
+    width: q/k/v kernels ``(d, heads, d // heads)``, out kernel
+    ``(heads, d // heads, d)``. The MLP is ``Dense(4d)``, gelu, ``Dense(d)``.
+    """
+
+    heads: int
+
+    @nn.compact
+    def __call__(self, x, _):
+        mask = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32))
+        h = nn.LayerNorm(name="ln_1")(x)
+        x = x + nn.MultiHeadDotProductAttention(self.heads, name="attn")(
+            h, h, mask=mask
+        )
+        return x + _MLP(name="mlp")(nn.LayerNorm(name="ln_2")(x)), None
+
+
+class TransformerLM(nn.Module):
+    """A byte-level pre-LN decoder-only transformer; ``benchmarks.lm`` trains it.
+
+    ``tokens`` ``(batch, T)`` int bytes, ``T <= ctx`` -> logits
+    ``(batch, T, 256)``. Token embedding ``nn.Embed(256, d)`` plus a learned
+    position embedding ``pos_embedding`` ``(1, ctx, d)``; ``layers`` blocks
+    (``_LMBlock``) stacked with ``nn.scan``, so every block parameter has a
+    leading axis of size ``layers`` (under ``blocks/``); a final LayerNorm
+    ``ln_f``; an untied output head ``nn.Dense(256)`` (``head``). No dropout.
+    """
+
+    layers: int = 4
+    d_model: int = 128
+    heads: int = 4
+    ctx: int = 128
+    vocab: int = 256
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(self.vocab, self.d_model, name="embed")(tokens)
+        pos = self.param(
+            "pos_embedding",
+            nn.initializers.normal(0.02),
+            (1, self.ctx, self.d_model),
+        )
+        x = x + pos[:, : tokens.shape[-1]]
+        blocks = nn.scan(
+            _LMBlock,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=self.layers,
+        )(self.heads, name="blocks")
+        x, _ = blocks(x, None)
+        return nn.Dense(self.vocab, name="head")(nn.LayerNorm(name="ln_f")(x))
