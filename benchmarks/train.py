@@ -87,7 +87,7 @@ DEFAULTS = {  # per dataset
 OPTIMIZERS = ("sgd", "adam-grad", "adam-update")
 SGD_LR, MOMENTUM, L2 = 0.05, 0.9, 5e-4
 ADAM_LR = 1e-3
-SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 TITLES = {
     "sgd": "SGD, momentum 0.9, L2 5e-4",
     "adam-grad": "Adam, GC on the gradient",
@@ -95,10 +95,10 @@ TITLES = {
 }
 
 
-# --- data --------------------------------------------------------------------
+# --- optimizers -------------------------------------------------------------------
 
 
-def learning_rates(name: str, args) -> float:
+def peak_rate(name: str, args) -> float:
     return args.sgd_lr if name == "sgd" else args.adam_lr
 
 
@@ -231,7 +231,7 @@ def arms_for(optimizers):
         arms += [("sgd", "sgd", False), ("sgd+gc", "sgd", True)]
     adam_rows = [n for n in optimizers if n != "sgd"]
     if adam_rows:
-        arms.append(("adam", adam_rows[0], False))
+        arms.append(("adam", "adam", False))
         arms += [(f"{n}+gc", n, True) for n in adam_rows]
     return arms
 
@@ -252,7 +252,7 @@ def train_arms(args, data, factor=1.0, progress=None):
     steps = len(data[0]) // args.batch_size * args.epochs
     fns = {}
     for arm, name, gc in arms_for(args.optimizers):
-        lr = factor * learning_rates(name, args)
+        lr = factor * peak_rate(name, args)
         tx = make_optimizer(name, gc, make_schedule(args.schedule, lr, steps))
         fns[arm] = (name, gc, lr, make_run_fns(model, tx, *data, args.batch_size))
     runs = []
@@ -390,8 +390,17 @@ def format_sweep(sweep, n_seeds):
     return "\n".join(lines)
 
 
+def _diverged(row, arm):
+    loss = row["train_loss"][f"{arm}_mean"]
+    return loss is None or not math.isfinite(loss)
+
+
 def plot_sweep(sweep, path, title):
-    """Per optimizer, baseline and GC at the last epoch against the learning rate."""
+    """Per optimizer, baseline and GC at the last epoch against the learning rate.
+
+    A rate at which an arm diverged (a non-finite training loss in some seed)
+    is left out of that arm's curves and marked "diverged" on the axis.
+    """
     plt, fig, axes = report.figure(len(sweep))
     for col, (name, rows) in enumerate(sweep.items()):
         lrs = [row["learning_rate"] for row in rows]
@@ -402,11 +411,25 @@ def plot_sweep(sweep, path, title):
                 ("baseline", "baseline", report.BASELINE_COLOR),
                 ("gc", "GC", report.GC_COLOR),
             ):
-                mean = [scale * row[metric][f"{arm}_mean"] for row in rows]
-                std = [scale * (row[metric][f"{arm}_std"] or 0) for row in rows]
-                ax.errorbar(lrs, mean, yerr=std, color=color, label=label, marker="o")
+                kept = [row for row in rows if not _diverged(row, arm)]
+                mean = [scale * row[metric][f"{arm}_mean"] for row in kept]
+                std = [scale * (row[metric][f"{arm}_std"] or 0) for row in kept]
+                x = [row["learning_rate"] for row in kept]
+                ax.errorbar(x, mean, yerr=std, color=color, label=label, marker="o")
+            for row in rows:
+                gone = [a for a in ("baseline", "gc") if _diverged(row, a)]
+                if gone:
+                    text = "diverged" if len(gone) == 2 else f"{gone[0]} diverged"
+                    ax.annotate(
+                        text,
+                        (row["learning_rate"], 0.02),
+                        xycoords=("data", "axes fraction"),
+                        rotation=90,
+                        ha="center",
+                        fontsize=8,
+                    )
             ax.set_xscale("log")
-            ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+            ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs], rotation=45, fontsize=8)
             ax.minorticks_off()
             if panel.log:
                 ax.set_yscale("log")

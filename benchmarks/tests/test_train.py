@@ -220,3 +220,17 @@ def test_other_norms_train_and_are_recorded(tmp_path, norm):
     results = train.main(args + ["--out", str(out)])
     assert results["config"]["norm"] == norm
     _check_outputs(out, n_runs=2, epochs=1)
+
+
+def test_sweep_figure_leaves_out_a_diverged_rate(tmp_path):
+    def row(lr, loss):
+        stats = {"baseline_mean": loss, "baseline_std": None, "gc_mean": 0.1}
+        stats |= {"gc_std": None, "diff_mean": 0.0, "diff_se": None}
+        acc = dict(stats, baseline_mean=0.1 if loss is None else 0.8, gc_mean=0.85)
+        return {"learning_rate": lr, "train_loss": stats, "test_acc": acc}
+
+    sweep = {"sgd": [row(0.1, 0.3), row(0.2, 0.2), row(0.4, None)]}
+    assert train._diverged(sweep["sgd"][2], "baseline")
+    assert not train._diverged(sweep["sgd"][2], "gc")
+    train.plot_sweep(sweep, tmp_path / "s.png", "t")
+    _check_png(tmp_path / "s.png")
