@@ -354,10 +354,13 @@ def sweep_brackets(sweep):
     """Per optimizer and arm, whether its best test accuracy is inside the rates.
 
     A best rate at either end of the sweep is not bracketed: a wider sweep
-    could find a better one.
+    could find a better one. A sweep of one rate brackets nothing and says
+    nothing.
     """
     out = {}
     for name, rows in sweep.items():
+        if len(rows) < 2:
+            continue
         for arm in ("baseline", "gc"):
             accs = [row["test_acc"][f"{arm}_mean"] for row in rows]
             best = int(np.argmax(accs))

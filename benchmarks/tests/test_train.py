@@ -211,6 +211,7 @@ def test_sweep_says_when_the_best_rate_is_at_an_edge():
         "sgd baseline": {"best_learning_rate": 0.2, "bracketed": True},
         "sgd gc": {"best_learning_rate": 0.1, "bracketed": False},
     }
+    assert train.sweep_brackets({"sgd": sweep["sgd"][:1]}) == {}
 
 
 @pytest.mark.parametrize("norm", ["group", "none"])
