@@ -184,7 +184,7 @@ def test_gc_sgd_without_gc_matches_authors_plain_sgd():
 def test_gc_adamw_update_location_centralizes_the_decay():
     # Zero gradient: the step is the decay term alone, -lr * wd * w.
     w = jnp.array([[1.0, 0.0], [3.0, 4.0]])
-    tx = optax_gc.gc_adamw(0.1, weight_decay=0.5)
+    tx = optax_gc.gc_adamw(0.1, weight_decay=0.5, location="update")
     out, _ = tx.update({"w": jnp.zeros_like(w)}, tx.init({"w": w}), {"w": w})
     np.testing.assert_allclose(
         out["w"], -0.05 * (w - w.mean(0, keepdims=True)), atol=1e-7
@@ -232,7 +232,8 @@ def test_inject_hyperparams_needs_no_params_without_decay(alias, jit):
     # which needs params, was always chained.
     params, loss = separable_problem()
     grads = jax.grad(loss)(params)
-    tx = optax.inject_hyperparams(alias)(learning_rate=1e-2)
+    kwargs = {"location": "update"} if alias is optax_gc.gc_adam else {}
+    tx = optax.inject_hyperparams(alias)(learning_rate=1e-2, **kwargs)
     update = jax.jit(tx.update) if jit else tx.update
     got, _ = update(grads, tx.init(params))
     np.testing.assert_allclose(fan_in_means(got)["dense"], 0.0, atol=1e-7)

@@ -366,9 +366,9 @@ def test_rule_in_the_aliases_gc_fraction_and_inject_hyperparams():
     rule = optax_gc.infer_output_axes(_model, PARAMS, X)
     fractions = optax_gc.gc_fraction(_grads(), output_axes=rule)
     assert float(fractions["b"]) == 0.0 and float(fractions["w"]) > 0.0
-    tx = optax.inject_hyperparams(optax_gc.gc_adamw, static_args=("output_axes",))(
-        learning_rate=1e-2, output_axes=rule
-    )
+    tx = optax.inject_hyperparams(
+        optax_gc.gc_adamw, static_args=("output_axes", "location")
+    )(learning_rate=1e-2, output_axes=rule, location="update")
     updates, _ = tx.update(_grads(), tx.init(PARAMS), PARAMS)
     # update placement: each unit's update has zero mean over its fan-in.
     np.testing.assert_allclose(updates["w"].mean(1), 0.0, atol=1e-7)

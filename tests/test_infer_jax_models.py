@@ -481,7 +481,7 @@ def test_gc_adamw_keeps_each_output_unit_mean_weight():
     kernels = {k: a for k, a in _TRAIN_AXES.items() if a is not None}
 
     init, gc_final = _train(
-        optax_gc.gc_adamw(1e-2, weight_decay=1e-2, output_axes=rule)
+        optax_gc.gc_adamw(1e-2, weight_decay=1e-2, location="update", output_axes=rule)
     )
     for k, axes in kernels.items():
         assert np.abs(gc_final[k] - init[k]).max() > 1e-3, k  # it trained

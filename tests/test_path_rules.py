@@ -117,9 +117,9 @@ def test_inject_hyperparams_without_static_args_says_what_to_do():
     tx = optax.inject_hyperparams(optax_gc.gc_adam)(1e-3, output_axes=rule)
     with pytest.raises(ValueError, match=r"static_args=\('output_axes',\)"):
         tx.init(params)
-    tx = optax.inject_hyperparams(optax_gc.gc_adam, static_args=("output_axes",))(
-        1e-3, output_axes=rule
-    )
+    tx = optax.inject_hyperparams(
+        optax_gc.gc_adam, static_args=("output_axes", "location")
+    )(1e-3, output_axes=rule, location="update")
     updates, _ = tx.update(params, tx.init(params), params)
     np.testing.assert_allclose(updates["kernel"].mean(0), 0.0, atol=1e-7)
 

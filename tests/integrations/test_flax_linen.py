@@ -62,7 +62,7 @@ def test_flax_linen_train_state_step():
 
 
 def test_flax_linen_update_location_keeps_kernel_means():
-    state = linen_state(optax_gc.with_gc(optax.adam(1e-2)))
+    state = linen_state(optax_gc.with_gc(optax.adam(1e-2), location="update"))
     start = flat_leaves(state.params)
     for seed in range(5):
         state = linen_step(state, image_batch(seed))

@@ -26,7 +26,9 @@ def _nnx_loss(model, x, y):
 
 def test_flax_nnx_optimizer():
     model = NNXNet(nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, optax_gc.with_gc(optax.adam(1e-2)), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(
+        model, optax_gc.with_gc(optax.adam(1e-2), location="update"), wrt=nnx.Param
+    )
     x, y = image_batch()
     grads = nnx.grad(_nnx_loss)(model, x, y)
     gc_grads = optax_gc.centralize().update(grads, None)[0]

@@ -284,7 +284,7 @@ def test_centralize_with_rule_on_real_gradients():
 
 def test_gc_adam_step_on_filtered_equinox_trees():
     model, rule = _tiny_model_and_rule()
-    tx = optax_gc.gc_adam(1e-3, output_axes=rule)
+    tx = optax_gc.gc_adam(1e-3, location="update", output_axes=rule)
     opt_state = tx.init(eqx.filter(model, eqx.is_array))
 
     @eqx.filter_jit

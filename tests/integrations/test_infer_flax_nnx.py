@@ -365,7 +365,9 @@ def test_nnx_optimizer_step_with_inferred_rule():
     model, rule = _tiny_lm_and_rule()
     tokens, targets = _tiny_lm_batch()
     optimizer = nnx.Optimizer(
-        model, optax_gc.gc_adamw(1e-3, output_axes=rule), wrt=nnx.Param
+        model,
+        optax_gc.gc_adamw(1e-3, location="update", output_axes=rule),
+        wrt=nnx.Param,
     )
 
     @nnx.jit

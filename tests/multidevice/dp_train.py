@@ -62,7 +62,8 @@ def main():
     rows = slice(args.process_id * per_process, (args.process_id + 1) * per_process)
 
     model = Net()
-    tx = optax_gc.gc_adam(1e-2)  # GC on the final update: unit means stay put
+    # GC on the final update: unit means stay put.
+    tx = optax_gc.gc_adam(1e-2, location="update")
     params = model.init(jax.random.key(0), xs[0, :1])["params"]
     init = params
     params = jax.device_put(params, replicated)

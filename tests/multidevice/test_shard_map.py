@@ -325,10 +325,17 @@ def _attn_or_last(path, leaf):
 
 OPTIMIZERS = {
     "with_gc_adam": lambda specs: optax_gc.with_gc(
-        optax.adam(1e-2), output_axes=_attn_or_last, partition_specs=specs
+        optax.adam(1e-2),
+        location="update",
+        output_axes=_attn_or_last,
+        partition_specs=specs,
     ),
     "gc_adamw": lambda specs: optax_gc.gc_adamw(
-        1e-2, weight_decay=0.1, output_axes=_attn_or_last, partition_specs=specs
+        1e-2,
+        weight_decay=0.1,
+        location="update",
+        output_axes=_attn_or_last,
+        partition_specs=specs,
     ),
     "gc_sgd": lambda specs: optax_gc.gc_sgd(
         1e-2, 0.9, output_axes=_attn_or_last, partition_specs=specs

@@ -67,7 +67,7 @@ def test_sharded_equals_unsharded_and_keeps_sharding(case):
 @pytest.mark.parametrize("case", list(SPECS))
 def test_sharded_optimizer_step(case):
     params = _grads()
-    tx = optax_gc.gc_adamw(1e-2)
+    tx = optax_gc.gc_adamw(1e-2, location="update")
 
     def step(params, grads, state):
         updates, state = tx.update(grads, state, params)
