@@ -144,9 +144,9 @@ def _optimizer_steps(base, gc_rules):
     tx = OPTIMIZERS[base]
     gc = functools.partial(optax_gc.centralize, output_axes=gc_rules)
     update = (
-        optax_gc.gc_adamw(lr, output_axes=gc_rules)
+        optax_gc.gc_adamw(lr, location="update", output_axes=gc_rules)
         if base == "adamw"
-        else optax_gc.with_gc(tx(), output_axes=gc_rules)
+        else optax_gc.with_gc(tx(), location="update", output_axes=gc_rules)
     )
     return {
         f"optax.{base}": make(tx()),
@@ -241,7 +241,7 @@ def table_train_step(repeats, tiny):
         "chain(centralize(), adam)": make(
             optax.chain(optax_gc.centralize(), optax.adam(1e-3))
         ),
-        "gc_adam (update)": make(optax_gc.gc_adam(1e-3)),
+        "gc_adam (update)": make(optax_gc.gc_adam(1e-3, location="update")),
     }
     calls, memory = {}, {}
     for label, (tx, step) in variants.items():

@@ -193,7 +193,7 @@ def gc_adam(
     *,
     nesterov: bool = False,
     weight_decay: jax.typing.ArrayLike = 0.0,
-    location: Location = "update",
+    location: Location = "gradient",
     output_axes: OutputAxes = DEFAULT_OUTPUT_AXES,
     conv_only: bool = False,
     partition_specs: Any = None,
@@ -204,11 +204,13 @@ def gc_adam(
     decay is added to the gradient first (:math:`g + \lambda w`, as
     ``torch.optim.Adam``'s ``weight_decay``). Then:
 
-    * ``location="gradient"`` (authors' ``gc_loc=True``): Φ on that gradient,
-      before the moments.
-    * ``location="update"`` (authors' ``gc_loc=False``, default): Φ on the
-      final direction :math:`\hat m / (\sqrt{\hat v} + \epsilon)`, which
-      keeps each output unit's mean weight fixed.
+    * ``location="gradient"`` (authors' ``gc_loc=True``, default): Φ on that
+      gradient, before the moments.
+    * ``location="update"`` (authors' ``gc_loc=False``): Φ on the final
+      direction :math:`\hat m / (\sqrt{\hat v} + \epsilon)`, which keeps
+      each output unit's mean weight fixed.
+
+    Why the gradient is the default: see :func:`optax_gc.with_gc`.
 
     Args:
       learning_rate: a float or an optax schedule.
@@ -219,7 +221,7 @@ def gc_adam(
       mu_dtype: dtype of the first moment, as in ``optax.adam``.
       nesterov: Nesterov momentum (NAdam), as in ``optax.adam``.
       weight_decay: coupled L2 coefficient, see :func:`optax_gc.gc_sgd`.
-      location: ``"update"`` or ``"gradient"``, see above.
+      location: ``"gradient"`` (default) or ``"update"``, see above.
       output_axes: see :func:`optax_gc.gc_sgd`.
       conv_only: see :func:`optax_gc.centralize` (the paper's GCC).
       partition_specs: see :func:`optax_gc.centralize` (inside ``shard_map``).
@@ -267,7 +269,7 @@ def gc_adamw(
     mask: optax.MaskOrFn = None,
     *,
     nesterov: bool = False,
-    location: Location = "update",
+    location: Location = "gradient",
     output_axes: OutputAxes = DEFAULT_OUTPUT_AXES,
     conv_only: bool = False,
     partition_specs: Any = None,
@@ -278,10 +280,10 @@ def gc_adamw(
     decoupled exactly as in ``optax.adamw``: the step is
     :math:`-\eta\,(\hat m / (\sqrt{\hat v} + \epsilon) + \lambda w)`.
 
-    * ``location="gradient"``: Φ on the raw gradient, before the moments; the
-      decay term is not centralized.
-    * ``location="update"`` (default): Φ on the whole step, decay term
-      included, as in the authors' AdamW with ``gc_loc=False``. Each output
+    * ``location="gradient"`` (default): Φ on the raw gradient, before the
+      moments; the decay term is not centralized.
+    * ``location="update"``: Φ on the whole step, decay term included, as in
+      the authors' AdamW with ``gc_loc=False``. Each output
       unit's mean weight stays fixed. One difference from the authors' code:
       they scale the decoupled decay by :math:`1/(1-\beta_1^t)`; this follows
       optax (and the AdamW paper) and does not.
@@ -297,7 +299,7 @@ def gc_adamw(
         schedule where the installed ``optax.adamw`` accepts one).
       mask: which leaves are decayed, as in ``optax.adamw``.
       nesterov: Nesterov momentum, as in ``optax.adamw``.
-      location: ``"update"`` or ``"gradient"``, see above.
+      location: ``"gradient"`` (default) or ``"update"``, see above.
       output_axes: see :func:`optax_gc.gc_sgd`.
       conv_only: see :func:`optax_gc.centralize` (the paper's GCC).
       partition_specs: see :func:`optax_gc.centralize` (inside ``shard_map``).
@@ -313,9 +315,9 @@ def gc_adamw(
       >>> import optax_gc
       >>> params = {"kernel": jnp.array([[1.0, 0.0], [3.0, 0.0]])}
       >>> grads = {"kernel": jnp.array([[1.0, 1.0], [-1.0, 1.0]])}
-      >>> tx = optax_gc.gc_adamw(0.1, weight_decay=0.5)
+      >>> tx = optax_gc.gc_adamw(0.1, weight_decay=0.5, location="update")
       >>> updates, _ = tx.update(grads, tx.init(params), params)
-      >>> print(updates["kernel"].round(4))
+      >>> print(updates["kernel"].round(4))  # the decay term centred too
       [[-0.05  0.  ]
        [ 0.05  0.  ]]
 

@@ -1,10 +1,10 @@
 """GC on an optimizer's final update without materializing the update.
 
-``with_gc(tx)`` needs each output unit's mean update before it can write the
-centred update. Written naively (``u - mean(u)``), XLA on CPU stores ``u`` in
-full because two computations read it, and the step costs two to three times
-the bare optimizer's. Here ``tx.update`` is traced once to a jaxpr and
-evaluated as is; for each centred leaf, the entry-by-entry computation that
+``with_gc(tx, location="update")`` needs each output unit's mean update before
+it can write the centred update. Written naively (``u - mean(u)``), XLA on
+CPU stores ``u`` in full because two computations read it, and the step costs
+two to three times the bare optimizer's. Here ``tx.update`` is traced once to
+a jaxpr and evaluated as is; for each centred leaf, the entry-by-entry computation that
 produces its update from values the step writes or reads anyway (the new
 moments, the gradient, scalars such as the bias correction) is found in that
 jaxpr, and the fan-in sums are recomputed from those values block by block

@@ -179,3 +179,33 @@ def test_bad_arguments_raise_at_construction(kwargs, name):
 def test_tx_must_be_a_transformation():
     with pytest.raises(ValueError, match="tx"):
         optax_gc.with_gc(optax.sgd)
+
+
+@pytest.mark.parametrize(
+    "default, explicit",
+    [
+        (
+            lambda: optax_gc.with_gc(optax.adam(0.01)),
+            lambda: optax.chain(optax_gc.centralize(), optax.adam(0.01)),
+        ),
+        (
+            lambda: optax_gc.gc_adam(0.01),
+            lambda: optax_gc.gc_adam(0.01, location="gradient"),
+        ),
+        (
+            lambda: optax_gc.gc_adamw(0.01, weight_decay=0.1),
+            lambda: optax_gc.gc_adamw(0.01, weight_decay=0.1, location="gradient"),
+        ),
+    ],
+    ids=["with_gc", "gc_adam", "gc_adamw"],
+)
+def test_the_default_placement_is_the_gradient(default, explicit):
+    final = run_problem(default())
+    expected = run_problem(explicit())
+    for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The check can fail: GC on the update ends elsewhere.
+    moved = run_problem(optax_gc.with_gc(optax.adam(0.01), location="update"))
+    assert not np.allclose(
+        moved["dense"], run_problem(optax_gc.with_gc(optax.adam(0.01)))["dense"]
+    )
