@@ -44,7 +44,6 @@ SUBSET_FILE = DATA_DIR / "fashion-mnist-10k.npz"
 SUBSET_SIZES = {"train": 10_000, "test": 5_000}
 # sha256 of x_train, y_train, x_test, y_test's bytes, in that order (uint8).
 SUBSET_SHA256 = "ed034e8d89dea1ef6745d0a25a44741530c5a7342f7e554f7f22ba66d9800a61"
-# sha256 of x_train, y_train, x_test, y_test's bytes, in that order (uint8).
 
 
 def load_digits():
