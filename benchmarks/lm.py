@@ -84,7 +84,6 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import json
 import math
 import pathlib
 import platform
@@ -525,12 +524,9 @@ def _title(config):
 
 def replot(path: pathlib.Path) -> pathlib.Path:
     """Redraws the figure of a results file written by this script, beside it."""
-    try:
-        results = json.loads(path.read_text())
-        config, runs = results["config"], results["runs"]
-        gc_arms = list(results["summary"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        sys.exit(f"error: --replot {path}: not a results file of this script ({e})")
+    results = report.read_results(path)
+    config, runs = results["config"], results["runs"]
+    gc_arms = [arm for arm in GC_ARMS if any(r["arm"] == arm for r in runs)]
     figure = path.parent / "curves.png"
     plot_curves(runs, gc_arms, figure, _title(config))
     return figure
@@ -545,11 +541,7 @@ def main(argv=None):
 
     start = time.perf_counter()
     corpus = load(args)
-    out = pathlib.Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        sys.exit(f"error: --out {out}: {e}")
+    out = report.results_folder(args.out)
     model = make_model(args)
     params, rule = output_axes_rule(model, args.batch_size)
     table = optax_gc.explain(params, output_axes=rule)

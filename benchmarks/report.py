@@ -145,6 +145,30 @@ def finite(tree):
     return tree
 
 
+def results_folder(out) -> pathlib.Path:
+    """Creates the ``--out`` folder; exits with a message naming it if it can't."""
+    out = pathlib.Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: --out {out}: {e}") from None
+    return out
+
+
+def read_results(path: pathlib.Path) -> dict:
+    """A results file to ``--replot``; exits with a message if it is not one."""
+    try:
+        results = json.loads(pathlib.Path(path).read_text())
+        missing = {"config", "runs"} - set(results)
+    except (OSError, ValueError, TypeError) as e:
+        missing = e
+    if missing:
+        raise SystemExit(
+            f"error: --replot {path}: not a results file of this script ({missing})"
+        )
+    return results
+
+
 def write_json(path: pathlib.Path, results: dict) -> None:
     pathlib.Path(path).write_text(json.dumps(finite(results), indent=1) + "\n")
 

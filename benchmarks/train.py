@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import json
 import math
 import pathlib
 import sys
@@ -613,11 +612,8 @@ def _title(config, n_train):
 
 def replot(path: pathlib.Path) -> pathlib.Path:
     """Redraws the figure of a results file written by this script, beside it."""
-    try:
-        results = json.loads(path.read_text())
-        config = results["config"]
-    except (OSError, ValueError, KeyError) as e:
-        sys.exit(f"error: --replot {path}: not a results file of this script ({e})")
+    results = report.read_results(path)
+    config = results["config"]
     title = _title(config, config["split"]["train"])
     if "sweep" in results:
         figure = path.parent / "lr_sweep.png"
@@ -647,11 +643,7 @@ def main(argv=None):
             f"error: --stem-stride {args.stem_stride} leaves nothing of "
             f"{x_train.shape[1]}x{x_train.shape[2]} images after two 2x2 pools"
         )
-    out = pathlib.Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        sys.exit(f"error: --out {out}: {e}")
+    out = report.results_folder(args.out)
     factors = args.lr_sweep or (1.0,)
     arms = arms_for(args.optimizers)
     print(
