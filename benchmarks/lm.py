@@ -174,7 +174,7 @@ def eval_starts(n_bytes: int, windows: int) -> np.ndarray:
 
 
 def _windows(data, starts, length):
-    return data[starts[:, None] + jnp.arange(length)].astype(jnp.int32)
+    return data[starts[:, None] + jnp.arange(length)[None, :]].astype(jnp.int32)
 
 
 def _byte_losses(model, params, tokens):
