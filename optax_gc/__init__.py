@@ -3,24 +3,44 @@
 import importlib.metadata
 
 from optax_gc._alias import gc_adam, gc_adamw, gc_sgd
-from optax_gc._axes import AxesLike, OutputAxes, OutputAxesFn
+from optax_gc._axes import (
+    AxesLike,
+    AxesTree,
+    OutputAxes,
+    OutputAxesFn,
+    PerLeaf,
+    per_leaf,
+)
 from optax_gc._diagnostics import Explanation, LeafReport, explain, gc_fraction
 from optax_gc._infer import InferredAxes, infer_output_axes
-from optax_gc._path_rules import PathRules, UnmatchedPatternWarning, path_rules
+from optax_gc._path_rules import PathRules, path_rules
 from optax_gc._placement import Location, with_gc
 from optax_gc._transform import centralize, centralize_array
+from optax_gc._warnings import (
+    InferenceWarning,
+    LayoutWarning,
+    OptaxGCWarning,
+    ScheduleFreeWarning,
+    UnmatchedPatternWarning,
+)
 
 __version__ = importlib.metadata.version("optax-gc")
 
 __all__ = [
     "AxesLike",
+    "AxesTree",
     "Explanation",
+    "InferenceWarning",
     "InferredAxes",
+    "LayoutWarning",
     "LeafReport",
     "Location",
+    "OptaxGCWarning",
     "OutputAxes",
     "OutputAxesFn",
     "PathRules",
+    "PerLeaf",
+    "ScheduleFreeWarning",
     "UnmatchedPatternWarning",
     "centralize",
     "centralize_array",
@@ -31,5 +51,6 @@ __all__ = [
     "gc_sgd",
     "infer_output_axes",
     "path_rules",
+    "per_leaf",
     "with_gc",
 ]

@@ -7,6 +7,7 @@ trace time and costs nothing per step.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeAlias
@@ -19,17 +20,34 @@ AxesLike: TypeAlias = int | Sequence[int]
 """One output axis or several; negative values count from the end."""
 
 OutputAxesFn: TypeAlias = Callable[[jax.tree_util.KeyPath, Any], AxesLike | None]
-"""A per-leaf rule ``(key_path, leaf) -> axes | None``; ``None`` skips the leaf."""
+"""A per-leaf rule ``(key_path, leaf) -> axes | None``, given to
+:func:`optax_gc.per_leaf`; ``None`` leaves the leaf alone."""
 
-OutputAxes: TypeAlias = AxesLike | OutputAxesFn
-"""What ``output_axes`` accepts: axes for every leaf, or a per-leaf rule."""
+AxesTree: TypeAlias = Any
+"""A pytree of axes: a prefix of the parameter tree whose leaves are
+:data:`AxesLike` or ``None`` (leave alone), e.g.
+``{"Dense_0": {"kernel": (1,), "bias": None}}``."""
+
+OutputAxes: TypeAlias = AxesLike | AxesTree | Callable[[Any], AxesTree]
+"""What ``output_axes`` accepts: axes for every leaf, an :data:`AxesTree`, a
+callable ``params -> AxesTree``, or a per-leaf rule
+(:func:`optax_gc.per_leaf`, :func:`optax_gc.path_rules`,
+:func:`optax_gc.infer_output_axes`)."""
 
 DEFAULT_OUTPUT_AXES: tuple[int, ...] = (-1,)
 """The default everywhere: the last axis indexes output units (Flax, Haiku).
 
 A tuple rather than ``-1`` so that ``optax.inject_hyperparams`` keeps it
-static (it turns every int or float argument into an array).
+static (it turns every int or float argument into an array). The library
+tells this object from an explicit ``(-1,)`` by identity: only the default
+checks the tree for layouts it gets wrong (:class:`optax_gc.LayoutWarning`).
 """
+
+_FORMS = (
+    "an int, a non-empty tuple of ints, a pytree of those (None: leave alone) "
+    "that is a prefix of the params, a callable params -> such a pytree, or a "
+    "per-leaf rule (optax_gc.per_leaf, path_rules, infer_output_axes)"
+)
 
 
 def _key_name(key: Any) -> str:
@@ -69,27 +87,39 @@ def is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
-def check_axes_spec(spec: Any, where: str, callable_ok: bool = True) -> tuple[int, ...]:
-    """Validates an int or a sequence of ints (independently of any leaf)."""
-    if isinstance(spec, (jax.Array, np.ndarray)):
-        raise ValueError(
-            f"{where}: output_axes must be static Python ints, got an array "
-            f"{spec!r}. Under optax.inject_hyperparams pass a tuple, e.g. "
-            f"output_axes=(0,), or list output_axes in static_args."
-        )
+def _array_error(spec: Any, where: str) -> ValueError:
+    return ValueError(
+        f"{where}: output_axes must be static Python ints, got an array "
+        f"{spec!r}. Under optax.inject_hyperparams pass a tuple, e.g. "
+        f"output_axes=(0,), or list output_axes in static_args (always for a "
+        f"callable or a rule: inject_hyperparams calls callables as schedules)."
+    )
+
+
+def as_axes(spec: Any) -> tuple[int, ...] | None:
+    """``spec`` as a tuple of distinct-or-not ints, or ``None`` if not axes."""
     if is_int(spec):
         return (int(spec),)
     if isinstance(spec, Sequence) and not isinstance(spec, str):
         axes = tuple(spec)
         if axes and all(is_int(a) for a in axes):
-            axes = tuple(int(a) for a in axes)
-            if len(set(axes)) != len(axes):
-                raise ValueError(f"{where}: output_axes={spec!r} repeats an axis.")
-            return axes
-    options = "an int, a non-empty tuple of ints"
-    if callable_ok:
-        options += ", or a callable (path, leaf) -> axes | None"
-    raise ValueError(f"{where}: output_axes must be {options}; got {spec!r}.")
+            return tuple(int(a) for a in axes)
+    return None
+
+
+def check_axes_spec(spec: Any, where: str) -> tuple[int, ...]:
+    """Validates an int or a sequence of ints (independently of any leaf)."""
+    if isinstance(spec, (jax.Array, np.ndarray)):
+        raise _array_error(spec, where)
+    axes = as_axes(spec)
+    if axes is None:
+        raise ValueError(
+            f"{where}: output_axes must be an int or a non-empty tuple of "
+            f"ints (None: leave the leaf alone); got {spec!r}."
+        )
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"{where}: output_axes={spec!r} repeats an axis.")
+    return axes
 
 
 def normalize_axes(
@@ -130,16 +160,22 @@ _MISSING = object()
 
 
 class AxesRule:
-    """Base class of the library's per-leaf rules (``path_rules``, inference).
+    """Base class of the library's per-leaf rules (``per_leaf``, ``path_rules``,
+    inference).
 
-    A rule is an :data:`OutputAxesFn` (``rule(path, leaf) -> axes | None``)
-    that can also say why it decided (:meth:`decide`) and check a whole tree
-    once per trace (:meth:`check_tree`).
+    A rule decides one leaf at a time from its key path and the leaf
+    (:meth:`decide`, which also says why), and can check a whole tree once
+    per traversal (:meth:`check_tree`). Called as ``rule(key_path, leaf)`` it
+    returns the axes alone.
     """
 
     def decide(self, path: jax.tree_util.KeyPath, leaf: Any) -> tuple[Any, str]:
         """Returns ``(axes | None, reason)`` for one leaf."""
         raise NotImplementedError
+
+    def prepare(self, tree: Any, where: str) -> None:
+        """Called once per traversal, before any leaf is decided."""
+        del tree, where
 
     def check_tree(self, paths: Sequence[str], where: str) -> None:
         """Called once per traversal with every leaf path the transform saw."""
@@ -160,6 +196,177 @@ class AxesRule:
         return self.decide(path, leaf)[0]
 
 
+def _takes(fn: Callable[..., Any], n: int) -> bool | None:
+    """Whether ``fn`` can be called with ``n`` positional arguments (None: unknown)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(*([None] * n))
+    except TypeError:
+        return False
+    return True
+
+
+class PerLeaf(AxesRule):
+    """The rule :func:`optax_gc.per_leaf` returns; see there."""
+
+    def __init__(self, fn: OutputAxesFn):
+        self.fn = fn
+
+    def decide(self, path: Any, leaf: Any) -> tuple[Any, str]:
+        return self.fn(path, leaf), "per_leaf rule"
+
+    def __repr__(self) -> str:
+        return f"per_leaf({getattr(self.fn, '__name__', self.fn)!r})"
+
+
+def per_leaf(fn: OutputAxesFn) -> PerLeaf:
+    """Wraps a function of one leaf as an ``output_axes`` rule.
+
+    ``fn(key_path, leaf)`` returns the leaf's output axes (an int or a tuple
+    of ints) or ``None`` to leave the leaf alone. It is called at trace time,
+    once per leaf that passes the usual leaf rules of
+    :func:`optax_gc.centralize` (ndim, dtype, size); ``leaf`` may be an array,
+    a tracer or a ``jax.ShapeDtypeStruct``, so use its ``shape`` and
+    ``dtype`` only. A plain callable given as ``output_axes`` is instead
+    called with the whole tree, ``params -> tree of axes``, as
+    ``optax.masked``'s mask is; this wrapper says which of the two a function
+    is.
+
+    Args:
+      fn: ``(key_path, leaf) -> axes | None``; ``key_path`` is the leaf's
+        ``jax.tree_util`` key path.
+
+    Returns:
+      A rule to pass as ``output_axes``.
+
+    Raises:
+      ValueError: if ``fn`` is not callable or cannot take two arguments.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax_gc
+      >>> # Stacked (L, in, out) kernels: keep the layer axis and the outputs.
+      >>> rule = optax_gc.per_leaf(lambda path, g: (0, -1) if g.ndim == 3 else -1)
+      >>> grads = {"stack": jnp.arange(8.0).reshape(2, 2, 2)}
+      >>> print(optax_gc.centralize(output_axes=rule).update(grads, None)[0]["stack"])
+      [[[-1. -1.]
+        [ 1.  1.]]
+      <BLANKLINE>
+       [[-1. -1.]
+        [ 1.  1.]]]
+
+    References:
+      Yong et al, `Gradient Centralization: A New Optimization Technique for
+      Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_, ECCV 2020.
+    """
+    if isinstance(fn, AxesRule):
+        return fn  # type: ignore[return-value]
+    if not callable(fn) or _takes(fn, 2) is False:
+        raise ValueError(
+            f"per_leaf: fn must be a callable (key_path, leaf) -> axes | None, "
+            f"got {fn!r}."
+        )
+    return PerLeaf(fn)
+
+
+def _is_axes_leaf(x: Any) -> bool:
+    return x is None or as_axes(x) is not None
+
+
+class _Spec:
+    """One leaf's axes in a broadcast axes tree (opaque to ``jax.tree``)."""
+
+    def __init__(self, axes: Any):
+        self.axes = axes
+
+
+def _check_axes_tree(tree: Any, where: str) -> None:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_axes_leaf)
+    if not flat:
+        raise ValueError(f"{where}: output_axes must be {_FORMS}; got {tree!r}.")
+    for path, spec in flat:
+        if spec is not None:
+            check_axes_spec(spec, f'{where}: output_axes at "{path_str(path)}"')
+
+
+class TreeAxes(AxesRule):
+    """``output_axes`` given as a tree of axes, or as ``params -> tree``."""
+
+    def __init__(self, axes: Any):
+        self.axes = axes
+        self._table: dict[tuple, Any] | None = None
+
+    def prepare(self, tree: Any, where: str) -> None:
+        if callable(self.axes):
+            axes = self.axes(tree)
+            what = "the tree output_axes(params) returned"
+            if isinstance(axes, (jax.Array, np.ndarray)):
+                raise _array_error(axes, where)
+            _check_axes_tree(axes, f"{where}: {what}")
+        else:
+            axes, what = self.axes, "output_axes"
+
+        def fill(spec, subtree):
+            return jax.tree.map(lambda _: _Spec(spec), subtree)
+
+        try:
+            filled = jax.tree.map(fill, axes, tree, is_leaf=_is_axes_leaf)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"{where}: {what} must be a prefix of the parameter tree (as "
+                f"optax.masked's mask is), with axes or None at its leaves: {e}"
+            ) from None
+        flat = jax.tree_util.tree_flatten_with_path(filled)[0]
+        self._table = {tuple(p): s.axes for p, s in flat}
+
+    def decide(self, path: Any, leaf: Any) -> tuple[Any, str]:
+        del leaf
+        if self._table is None:
+            raise ValueError("output_axes tree: decided before it was prepared.")
+        reason = "output_axes(params)" if callable(self.axes) else "output_axes tree"
+        spec = self._table[tuple(path)]
+        return spec, (reason if spec is not None else f"None in {reason}")
+
+    def __repr__(self) -> str:
+        return f"TreeAxes({self.axes!r})"
+
+
+def resolve_output_axes(output_axes: Any, where: str) -> tuple[int, ...] | AxesRule:
+    """Validates ``output_axes`` at construction: fixed axes, or a rule."""
+    if isinstance(output_axes, (jax.Array, np.ndarray)):
+        raise _array_error(output_axes, where)
+    if isinstance(output_axes, AxesRule):
+        return output_axes
+    if as_axes(output_axes) is not None:
+        return check_axes_spec(output_axes, where)
+    if callable(output_axes):
+        if _takes(output_axes, 1) is False:
+            per = (
+                " A per-leaf function (key_path, leaf) -> axes is given as "
+                "output_axes=optax_gc.per_leaf(fn)."
+                if _takes(output_axes, 2)
+                else ""
+            )
+            raise ValueError(
+                f"{where}: an output_axes callable is called with the parameter "
+                f"tree, as params -> tree of axes (optax.masked's convention); "
+                f"{output_axes!r} cannot take one argument.{per}"
+            )
+        return TreeAxes(output_axes)
+    if output_axes is None or isinstance(output_axes, (str, bytes, float, bool)):
+        raise ValueError(
+            f"{where}: output_axes must be {_FORMS}; got {output_axes!r}. (Under "
+            "optax.inject_hyperparams list a callable output_axes in "
+            "static_args: otherwise it is called as a schedule, with the step "
+            "count.)"
+        )
+    _check_axes_tree(output_axes, where)
+    return TreeAxes(output_axes)
+
+
 class LeafDecision(NamedTuple):
     """What GC does to one leaf and why.
 
@@ -173,48 +380,47 @@ class LeafDecision(NamedTuple):
     reason: str
 
 
-LeafRule: TypeAlias = Callable[..., LeafDecision]
-"""``rule(path, leaf, shape=None) -> LeafDecision``; ``shape`` overrides the
-leaf's own (the global shape of a shard inside ``shard_map``)."""
-
-
 def check_conv_only(conv_only: Any, where: str) -> None:
     if not isinstance(conv_only, bool):
         raise ValueError(f"{where}: conv_only must be a bool, got {conv_only!r}.")
 
 
-def make_leaf_rule(output_axes: OutputAxes, conv_only: bool, where: str) -> LeafRule:
-    """Validates the options; returns ``(path, leaf) -> LeafDecision``.
+class LeafRule:
+    """The validated options of a transform: ``rule(path, leaf) -> LeafDecision``.
 
     The leaf rules of DESIGN: ndim below 2 (below 4 with ``conv_only``),
     non-floating dtypes and zero-size leaves are untouched, as are leaves
-    whose fan-in has a single element (GC would zero them).
+    whose fan-in has a single element (GC would zero them). ``shape``
+    overrides the leaf's own (the global shape of a shard inside
+    ``shard_map``).
     """
-    check_conv_only(conv_only, where)
-    min_ndim = 4 if conv_only else 2
-    fn = output_axes if callable(output_axes) else None
-    fixed = None if fn is not None else check_axes_spec(output_axes, where)
 
-    def rule(path, g, shape=None) -> LeafDecision:
+    def __init__(self, output_axes: OutputAxes, conv_only: bool, where: str):
+        check_conv_only(conv_only, where)
+        self.where = where
+        self.min_ndim = 4 if conv_only else 2
+        self.spec = resolve_output_axes(output_axes, where)
+        self.is_default = output_axes is DEFAULT_OUTPUT_AXES
+
+    def __call__(self, path, g, shape=None) -> LeafDecision:
         ndim, dtype = getattr(g, "ndim", None), getattr(g, "dtype", None)
         if ndim is None or dtype is None:
             return LeafDecision(None, "not an array")
         if not jnp.issubdtype(dtype, jnp.inexact):
             return LeafDecision(None, f"not floating ({dtype_name(dtype)})")
-        if ndim < min_ndim:
-            return LeafDecision(None, f"ndim < {min_ndim}")
+        if ndim < self.min_ndim:
+            return LeafDecision(None, f"ndim < {self.min_ndim}")
         shape = tuple(g.shape) if shape is None else tuple(shape)
         if math.prod(shape) == 0:
             return LeafDecision(None, "zero-size")
-        here = leaf_where(where, path)
-        # Inside shard_map a rule sees the global leaf, not the local shard.
-        seen = g if shape == tuple(g.shape) else jax.ShapeDtypeStruct(shape, dtype)
-        if isinstance(fn, AxesRule):
-            spec, reason = fn.decide(path, seen)
-        elif fn is not None:
-            spec, reason = fn(path, seen), "output_axes callable"
+        here = leaf_where(self.where, path)
+        if isinstance(self.spec, AxesRule):
+            # Inside shard_map a rule sees the global leaf, not the local shard.
+            same = shape == tuple(g.shape)
+            seen = g if same else jax.ShapeDtypeStruct(shape, dtype)
+            spec, reason = self.spec.decide(path, seen)
         else:
-            spec, reason = fixed, f"output_axes={fixed}"
+            spec, reason = self.spec, f"output_axes={self.spec}"
         if spec is None:
             return LeafDecision(None, reason)
         axes = check_axes_spec(spec, here)
@@ -223,21 +429,26 @@ def make_leaf_rule(output_axes: OutputAxes, conv_only: bool, where: str) -> Leaf
             return LeafDecision(None, "fan-in 1")
         return LeafDecision(axes, reason)
 
-    return rule
+
+def make_leaf_rule(output_axes: OutputAxes, conv_only: bool, where: str) -> LeafRule:
+    """Validates the options (at construction); see :class:`LeafRule`."""
+    return LeafRule(output_axes, conv_only, where)
 
 
-def map_leaves(
-    fn: Callable[..., Any],
-    output_axes: OutputAxes,
-    where: str,
-    tree: Any,
-    *rest: Any,
-) -> Any:
-    """``fn(path, leaf, *rest_leaves)`` on every leaf, then the rule's check.
+def map_leaves(fn: Callable[..., Any], rule: LeafRule, tree: Any, *rest: Any) -> Any:
+    """``fn(path, leaf, *rest_leaves)`` on every leaf, with the rule's checks.
 
     ``None`` and ``optax.MaskedNode`` are empty subtrees and never visited.
-    The check runs once per traversal, so once per trace under ``jit``.
+    The checks run once per traversal, so once per trace under ``jit``: a
+    tree-valued ``output_axes`` is matched to ``tree`` first, a rule checks
+    the paths it saw after, and the default axes look for layouts they get
+    wrong (:func:`optax_gc._layouts.check_default_layout`).
     """
+    from optax_gc._layouts import check_default_layout  # imports this module
+
+    spec = rule.spec
+    if isinstance(spec, AxesRule):
+        spec.prepare(tree, rule.where)
     paths = []
 
     def visit(path, g, *others):
@@ -245,6 +456,8 @@ def map_leaves(
         return fn(path, g, *others)
 
     out = jax.tree_util.tree_map_with_path(visit, tree, *rest)
-    if isinstance(output_axes, AxesRule):
-        output_axes.check_tree(paths, where)
+    if isinstance(spec, AxesRule):
+        spec.check_tree(paths, rule.where)
+    if rule.is_default:
+        check_default_layout(tree, rule)
     return out

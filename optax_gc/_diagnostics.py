@@ -101,7 +101,7 @@ def gc_fraction(
             return jnp.zeros((), jnp.float32)
         return _removed_fraction(g, axes)
 
-    return map_leaves(fraction, output_axes, where, grads)
+    return map_leaves(fraction, rule, grads)
 
 
 class LeafReport(NamedTuple):
@@ -183,7 +183,7 @@ class Explanation:
 
     @property
     def summary(self) -> str:
-        """One line: how many leaves and what share of the parameters GC touches."""
+        """How many leaves and what share of the parameters GC touches, in a line."""
         share = self.touched_params / self.total_params if self.total_params else 0.0
         return (
             f"GC touches {self.touched_leaves} of {len(self.rows)} leaves: "
@@ -281,5 +281,5 @@ def explain(
         )
         return leaf
 
-    map_leaves(report, output_axes, where, tree)
+    map_leaves(report, rule, tree)
     return Explanation(rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from optax_gc._axes import (
@@ -14,14 +15,7 @@ from optax_gc._axes import (
     check_axes_spec,
     path_str,
 )
-
-
-class UnmatchedPatternWarning(UserWarning):
-    """A ``path_rules`` pattern decided no leaf of the tree it was applied to.
-
-    Either it matched no leaf path, or every path it matched was already
-    decided by an earlier pattern.
-    """
+from optax_gc._warnings import UnmatchedPatternWarning
 
 
 class PathRules(AxesRule):
@@ -150,6 +144,14 @@ def path_rules(
       Yong et al, `Gradient Centralization: A New Optimization Technique for
       Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_, ECCV 2020.
     """
+    if isinstance(rules, (set, frozenset, AbstractSet)) or (
+        not isinstance(rules, (Mapping, Sequence))
+    ):
+        raise ValueError(
+            "path_rules: rules must be ordered, a dict or a list of (pattern, "
+            f"axes) pairs, since the first matching pattern decides; got "
+            f"{type(rules).__name__} {rules!r}."
+        )
     items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
     compiled = []
     for item in items:
@@ -164,6 +166,13 @@ def path_rules(
             regex = re.compile(pattern)
         except (re.error, TypeError) as e:
             raise ValueError(f"path_rules: invalid pattern {pattern!r}: {e}") from None
+        if callable(axes):
+            raise ValueError(
+                f"path_rules[{pattern!r}]: axes must be an int, a tuple of ints "
+                f"or None, got the callable {axes!r}; a callable rule is given "
+                "as output_axes itself (optax_gc.per_leaf(fn)), not inside "
+                "path_rules."
+            )
         if axes is not None:
             check_axes_spec(axes, f"path_rules[{pattern!r}]")
         compiled.append((regex, axes))

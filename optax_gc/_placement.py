@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal, TypeAlias, get_args
 
 import jax
@@ -10,6 +11,7 @@ import optax
 from optax_gc._axes import DEFAULT_OUTPUT_AXES, OutputAxes, make_leaf_rule
 from optax_gc._recompute import centralized_update
 from optax_gc._transform import centralize_tree, check_partition_specs
+from optax_gc._warnings import ScheduleFreeWarning
 
 Location: TypeAlias = Literal["gradient", "update"]
 """Where :func:`optax_gc.with_gc` applies GC: the gradient or the final update."""
@@ -36,6 +38,23 @@ def _check_no_line_search(state: Any, where: str) -> None:
             "proposes; GC on the final update would move the step away from "
             "what the line search checked. Use location='gradient' (GC on the "
             "gradient the optimizer sees)."
+        )
+
+
+def _warn_schedule_free(state: Any, where: str) -> None:
+    kind = getattr(getattr(optax, "contrib", None), "ScheduleFreeState", None)
+    if kind is None:
+        return
+    found = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kind))
+    if any(isinstance(s, kind) for s in found):
+        warnings.warn(
+            f"{where}: the wrapped optimizer is schedule-free: it keeps "
+            "evaluation parameters (optax.contrib.schedule_free_eval_params) "
+            "in its state, which GC does not centre; only the training "
+            "parameters' updates are centralized, so the evaluation "
+            "parameters' per-unit means move.",
+            ScheduleFreeWarning,
+            stacklevel=3,
         )
 
 
@@ -94,10 +113,13 @@ def with_gc(
     * Schedule-free optimizers (``optax.contrib.schedule_free_*``) keep a
       second set of evaluation parameters in their state; GC centralizes the
       updates of the training parameters only, so the per-unit means of the
-      evaluation parameters are not held fixed.
+      evaluation parameters are not held fixed. ``init`` warns
+      (:class:`optax_gc.ScheduleFreeWarning`).
 
     Args:
-      tx: the optimizer to wrap.
+      tx: the optimizer to wrap: what ``optax.chain`` takes, an
+        ``optax.GradientTransformation`` or any object with its ``init`` and
+        ``update`` (``optax.MultiSteps``).
       location: ``"gradient"`` (default) or ``"update"``, see above.
       output_axes: see :func:`optax_gc.centralize`.
       conv_only: see :func:`optax_gc.centralize`.
@@ -147,9 +169,13 @@ def place_gc(
     where: str,
 ) -> optax.GradientTransformationExtraArgs:
     """:func:`with_gc`, with errors that name ``where`` (the public caller)."""
-    if not isinstance(tx, optax.GradientTransformation):
+    if not (
+        callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))
+    ):
         raise ValueError(
-            f"{where}: tx must be an optax.GradientTransformation, got {tx!r}."
+            f"{where}: tx must be an optax optimizer, an object with init and "
+            f"update methods such as an optax.GradientTransformation or "
+            f"optax.MultiSteps, got {tx!r}."
         )
     if location not in LOCATIONS:
         raise ValueError(
@@ -161,12 +187,13 @@ def place_gc(
     before = location == "gradient"
 
     def gc(updates):
-        return centralize_tree(updates, rule, output_axes, partition_specs, where)
+        return centralize_tree(updates, rule, partition_specs)
 
     def init_fn(params):
         state = inner.init(params)
         if not before:
             _check_no_line_search(state, where)
+        _warn_schedule_free(state, where)
         return state
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -181,6 +208,6 @@ def place_gc(
             return inner.update(updates, state, params, **extra_args)
 
         args = (updates, state, params, extra_args)
-        return centralized_update(step, args, rule, output_axes, where)
+        return centralized_update(step, args, rule)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import core as jax_core
 from jax import lax
 
-from optax_gc._axes import LeafRule, OutputAxes, fan_in_axes, map_leaves
+from optax_gc._axes import LeafRule, fan_in_axes, map_leaves
 from optax_gc._blocked import MIN_BLOCKED_ELEMENTS, blocked_fan_in_sums, on_cpu
 from optax_gc._transform import centralize_tree, centring_dtype
 
@@ -141,14 +141,12 @@ def centralized_update(
     update: Any,
     args: tuple[Any, ...],
     rule: LeafRule,
-    output_axes: OutputAxes,
-    where: str,
 ) -> tuple[Any, Any]:
     """``update(*args)`` = ``(updates, state)``, with Φ on the updates' leaves."""
 
     def plain():
         updates, state = update(*args)
-        return centralize_tree(updates, rule, output_axes, None, where), state
+        return centralize_tree(updates, rule, None), state
 
     if not any(isinstance(x, jax_core.Tracer) for x in jax.tree.leaves(args)):
         return plain()  # eager, op by op: nothing is fused, nothing to avoid
@@ -178,7 +176,7 @@ def centralized_update(
         jobs.append((cone, axes, u))
         return _Job(len(jobs) - 1)
 
-    marks = map_leaves(collect, output_axes, where, updates, out_vars)
+    marks = map_leaves(collect, rule, updates, out_vars)
     if not jobs:
         return updates, state
 

@@ -100,7 +100,7 @@ def centralize_array(
       Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_, ECCV 2020.
     """
     where = "centralize_array"
-    axes = check_axes_spec(output_axes, where, callable_ok=False)
+    axes = check_axes_spec(output_axes, where)
     g = jnp.asarray(g)
     if not jnp.issubdtype(g.dtype, jnp.inexact):
         raise ValueError(
@@ -137,18 +137,23 @@ def centralize(
       fan-in-1 leaves (``optax.centralize`` zeros them, this leaves them
       alone), on bf16/f16 leaves (centred here in float32 and rounded once),
       on integer leaves (left alone here) and with ``conv_only``.
-    * Per-leaf rules: pass a callable ``(key_path, leaf) -> axes | None``, e.g.
-      ``(1, 2)`` for DenseGeneral q/k/v kernels ``(in, H, D)``, ``(0, -1)`` for
-      scan-stacked kernels ``(L, in, out)``, ``None`` to skip embeddings.
-      :func:`optax_gc.infer_output_axes` builds one from the model's own
-      computation, :func:`optax_gc.path_rules` from path patterns, and
-      :func:`optax_gc.explain` shows what either decides. The callable is
-      called at trace time, only on leaves that pass the checks below.
+    * Per leaf, as optax gives per-leaf options (``optax.masked``'s mask): a
+      tree of axes that is a prefix of the parameters, with ``None`` for
+      "leave alone" (e.g. ``{"Dense_0": {"kernel": (1,), "bias": None}}``),
+      or a callable ``params -> such a tree``, called at trace time with the
+      tree GC is applied to. Or a rule deciding one leaf at a time:
+      :func:`optax_gc.infer_output_axes` reads the axes from the model's own
+      computation (``(1, 2)`` for DenseGeneral q/k/v kernels ``(in, H, D)``,
+      ``(0, -1)`` for scan-stacked kernels ``(L, in, out)``, ``None`` for
+      embeddings), :func:`optax_gc.path_rules` from path patterns, and
+      :func:`optax_gc.per_leaf` wraps a function ``(key_path, leaf) -> axes |
+      None``. :func:`optax_gc.explain` shows what any of them decides. Rules
+      are consulted only for leaves that pass the checks below.
 
     Leaves left untouched (returned as they are): ndim below 2 (below 4 with
     ``conv_only=True``, the paper's GCC, as in the authors' code), non-floating
-    dtypes, ``None`` and ``optax.MaskedNode``, zero-size arrays, leaves the
-    callable maps to ``None``, and leaves whose fan-in has one element (e.g. a
+    dtypes, ``None`` and ``optax.MaskedNode``, zero-size arrays, leaves
+    ``output_axes`` maps to ``None``, and leaves whose fan-in has one element (e.g. a
     Dense layer with one input), which Φ would set to zero. bf16/f16 means are
     accumulated in float32; every leaf keeps its dtype, shape and sharding.
 
@@ -162,13 +167,17 @@ def centralize(
     axes need no collective.
 
     Args:
-      output_axes: the axes that index output units, as an int or tuple of ints
-        for every leaf, or a callable giving them per leaf (see above).
+      output_axes: the axes that index output units (kept): an int or a tuple
+        of ints for every leaf, or per leaf (see above). With the default,
+        ``(-1,)``, a tree that shows a layout the default gets wrong (Equinox
+        weights, embedding tables, attention kernels ``(in, H, D)``, stacked
+        layers) raises a :class:`optax_gc.LayoutWarning` at trace time; any
+        explicit value silences it.
       conv_only: if True, only leaves with ndim >= 4 are centralized (GCC).
       partition_specs: inside ``shard_map`` only: a ``PartitionSpec`` (for
         every leaf) or a tree of them with the structure of the updates (or a
         prefix of it), as given to ``shard_map``'s ``in_specs``. ``None``
-        (default): no collectives. A callable ``output_axes`` then sees a
+        (default): no collectives. A per-leaf rule then sees a
         ``jax.ShapeDtypeStruct`` with the leaf's global shape.
 
     Returns:
@@ -209,7 +218,7 @@ def centralize(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        updates = centralize_tree(updates, rule, output_axes, partition_specs, where)
+        updates = centralize_tree(updates, rule, partition_specs)
         return updates, state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -278,18 +287,17 @@ def _sharded_fan_in(
 def centralize_tree(
     updates: Any,
     rule: LeafRule,
-    output_axes: OutputAxes,
     partition_specs: Any,
-    where: str,
 ) -> Any:
     """Φ on every eligible leaf of ``updates`` (the body of ``centralize``)."""
+    where = rule.where
     if partition_specs is None:
 
         def leaf_fn(path, g):
             axes = rule(path, g).axes
             return g if axes is None else subtract_fan_in_mean(g, axes)
 
-        return map_leaves(leaf_fn, output_axes, where, updates)
+        return map_leaves(leaf_fn, rule, updates)
 
     def sharded_leaf_fn(path, g, spec):
         if not hasattr(g, "ndim"):
@@ -304,4 +312,4 @@ def centralize_tree(
         return subtract_fan_in_mean(g, axes, (sharded, fan_in_size(shape, axes)))
 
     specs = _broadcast_specs(partition_specs, updates, where)
-    return map_leaves(sharded_leaf_fn, output_axes, where, updates, specs)
+    return map_leaves(sharded_leaf_fn, rule, updates, specs)

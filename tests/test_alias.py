@@ -21,7 +21,7 @@ from tests.helpers import (
 
 REF = Reference()
 LAYOUT_AXES = {"flax": -1, "torch": 0}
-NO_GC = {"output_axes": lambda path, leaf: None}
+NO_GC = {"output_axes": optax_gc.per_leaf(lambda path, leaf: None)}
 ALIASES = {
     optax_gc.gc_sgd: optax.sgd,
     optax_gc.gc_adam: optax.adam,

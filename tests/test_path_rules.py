@@ -142,3 +142,16 @@ def test_error_on_a_bare_array_names_the_root():
     tx = optax_gc.centralize(output_axes=(5,))
     with pytest.raises(ValueError, match="at the root leaf"):
         tx.update(jnp.ones((3, 4)), None)
+
+
+@pytest.mark.parametrize("rules", [{("kernel$", 0)}, frozenset({("kernel$", 0)})])
+def test_unordered_rules_are_refused(rules):
+    # The first match wins, so a set's order (PYTHONHASHSEED) would decide.
+    with pytest.raises(ValueError, match="rules must be ordered"):
+        optax_gc.path_rules(rules)
+
+
+def test_a_callable_inside_path_rules_is_refused_with_the_right_advice():
+    with pytest.raises(ValueError, match="not inside path_rules") as info:
+        optax_gc.path_rules({"kernel$": lambda path, leaf: 0})
+    assert "optax_gc.per_leaf" in str(info.value)

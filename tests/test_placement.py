@@ -209,3 +209,40 @@ def test_the_default_placement_is_the_gradient(default, explicit):
     assert not np.allclose(
         moved["dense"], run_problem(optax_gc.with_gc(optax.adam(0.01)))["dense"]
     )
+
+
+def test_optax_multisteps_is_accepted_as_optax_chain_accepts_it():
+    init, loss = separable_problem()
+
+    def run(tx):
+        state, params = tx.init(init), init
+        for _ in range(4):
+            updates, state = tx.update(jax.grad(loss)(params), state, params)
+            params = optax.apply_updates(params, updates)
+        return params
+
+    ours = run(optax_gc.with_gc(optax.MultiSteps(optax.adam(0.1), every_k_schedule=2)))
+    chain = run(
+        optax.chain(
+            optax_gc.centralize(), optax.MultiSteps(optax.adam(0.1), every_k_schedule=2)
+        )
+    )
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(chain), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(init), strict=True)
+    )
+
+
+def test_what_is_not_an_optimizer_is_refused_by_name():
+    with pytest.raises(ValueError, match="tx must be an optax optimizer"):
+        optax_gc.with_gc(optax.adam)  # the factory, not the optimizer
+
+
+def test_schedule_free_warns_and_plain_optimizers_do_not():
+    params = {"w": jnp.ones((3, 4))}
+    tx = optax_gc.with_gc(optax.contrib.schedule_free_adamw(1e-3))
+    with pytest.warns(optax_gc.ScheduleFreeWarning, match="evaluation parameters"):
+        tx.init(params)
+    optax_gc.with_gc(optax.adamw(1e-3)).init(params)  # filterwarnings=error

@@ -20,9 +20,18 @@ def test_public_functions_are_documented_with_examples():
             assert "2004.01461" in doc or "References" not in doc, name
 
 
-PUBLIC = """AxesLike Explanation InferredAxes LeafReport Location OutputAxes
-OutputAxesFn PathRules UnmatchedPatternWarning centralize centralize_array explain
-gc_adam gc_adamw gc_fraction gc_sgd infer_output_axes path_rules with_gc"""
+PUBLIC = """AxesLike AxesTree Explanation InferenceWarning InferredAxes LayoutWarning
+LeafReport Location OptaxGCWarning OutputAxes OutputAxesFn PathRules PerLeaf
+ScheduleFreeWarning UnmatchedPatternWarning centralize centralize_array explain
+gc_adam gc_adamw gc_fraction gc_sgd infer_output_axes path_rules per_leaf with_gc"""
+
+
+def test_every_warning_is_an_optax_gc_warning():
+    for name in optax_gc.__all__:
+        obj = getattr(optax_gc, name)
+        if isinstance(obj, type) and issubclass(obj, Warning):
+            assert issubclass(obj, optax_gc.OptaxGCWarning), name
+            assert issubclass(obj, UserWarning), name
 
 
 def test_the_exported_names():

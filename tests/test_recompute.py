@@ -41,8 +41,7 @@ OPTIMIZERS = {
 }
 
 
-def rule(path, leaf):
-    return AXES[path[-1].key]
+rule = optax_gc.per_leaf(lambda path, leaf: AXES[path[-1].key])
 
 
 def tree(seed, dtype=jnp.float32):

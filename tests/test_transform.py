@@ -86,7 +86,7 @@ def test_per_leaf_callable():
         seen.append((name, leaf.shape))
         return {"embed": None, "dense": -1, "eqx": 0}[name]
 
-    out = _gc(grads, output_axes=rule)
+    out = _gc(grads, output_axes=optax_gc.per_leaf(rule))
     np.testing.assert_array_equal(out["embed"], grads["embed"])
     np.testing.assert_allclose(out["dense"], _gc({"k": DENSE})["k"], rtol=1e-6)
     np.testing.assert_allclose(out["eqx"], out["dense"].T, rtol=1e-6)
@@ -96,7 +96,7 @@ def test_per_leaf_callable():
 def test_callable_sees_only_eligible_leaves():
     seen = []
     grads = {"w": jnp.ones((2, 2)), "b": jnp.ones(2), "i": jnp.ones((2, 2), jnp.int32)}
-    _gc(grads, output_axes=lambda p, x: seen.append(p) or -1)
+    _gc(grads, output_axes=optax_gc.per_leaf(lambda p, x: seen.append(p) or -1))
     assert [jax.tree_util.keystr(p) for p in seen] == ["['w']"]
 
 
@@ -242,7 +242,8 @@ def test_low_precision_mean_accumulated_in_float32(dtype):
 
 
 @pytest.mark.parametrize(
-    "bad", ["-1", 1.5, True, (), (0, 0), (0, "a"), [1, None], {"a": 1}, None]
+    "bad",
+    ["-1", 1.5, True, (), (0, 0), (0, "a"), {"a": "x"}, {"a": 1.5}, {}, [], None],
 )
 def test_bad_output_axes_rejected_at_construction(bad):
     with pytest.raises(ValueError, match="output_axes"):
@@ -275,7 +276,7 @@ def test_axes_that_do_not_fit_a_leaf_name_its_path(axes, message):
 
 @pytest.mark.parametrize("bad", [1.0, (0, 0), "x", (3,)])
 def test_bad_callable_result_names_the_path(bad):
-    tx = optax_gc.centralize(output_axes=lambda p, x: bad)
+    tx = optax_gc.centralize(output_axes=optax_gc.per_leaf(lambda p, x: bad))
     with pytest.raises(ValueError, match="output_axes") as info:
         _update(tx, {"layer": {"w": jnp.ones((2, 3))}})
     assert '"layer/w"' in str(info.value)

@@ -31,7 +31,8 @@ def test_gpt2_module_has_the_gpt2_tree_and_inference_agrees_with_the_rules():
     model = models.GPT2()  # GPT-2 small, abstractly: nothing is allocated
     tokens = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
     params = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
-    shapes = {row.path: row.shape for row in optax_gc.explain(params)}
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    shapes = {"/".join(k.key for k in p): tuple(x.shape) for p, x in flat}
     assert shapes == models.gpt2_small_shapes()
     rule = optax_gc.infer_output_axes(
         lambda p, t: model.apply({"params": p}, t), params, tokens

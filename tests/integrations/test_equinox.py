@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import optax_gc
 from tests.integrations.common import fan_in_mean, image_batch
@@ -56,7 +57,8 @@ def test_equinox_output_first_layout():
 def test_equinox_with_default_axes_is_the_documented_mistake():
     """output_axes=-1 on (out, in) weights centres each input across outputs."""
     grads = _eqx_grads(EqxNet(jax.random.key(0)))
-    wrong = optax_gc.centralize().update(grads, None)[0].linear.weight
+    with pytest.warns(optax_gc.LayoutWarning, match='"linear/weight".*output_axes=0'):
+        wrong = optax_gc.centralize().update(grads, None)[0].linear.weight
     right = optax_gc.centralize(output_axes=0).update(grads, None)[0].linear.weight
     assert np.abs(fan_in_mean(wrong, (0,))).max() > 1e-4  # fan-in not centred
     np.testing.assert_allclose(fan_in_mean(wrong, (-1,)), 0.0, atol=1e-7)

@@ -179,7 +179,7 @@ def test_callable_output_axes_inside_shard_map():
     def rule(path, leaf):
         return (1, 2) if leaf.ndim == 3 else -1
 
-    out = gc_in_shard_map(tree, specs, output_axes=rule)
+    out = gc_in_shard_map(tree, specs, output_axes=optax_gc.per_leaf(rule))
     np.testing.assert_allclose(out["attn"], oracle(tree["attn"], (1, 2)), atol=1e-6)
     np.testing.assert_allclose(out["dense"], oracle(tree["dense"], (-1,)), atol=1e-6)
 
@@ -319,6 +319,7 @@ def test_fan_in_sharding_has_one_all_reduce(shape, spec, output_axes):
     assert _all_reduces(_normal(shape), spec, output_axes=output_axes) == 1
 
 
+@optax_gc.per_leaf
 def _attn_or_last(path, leaf):
     return (1, 2) if leaf.ndim == 3 else -1
 
