@@ -25,14 +25,18 @@ the reason.
 from __future__ import annotations
 
 import bisect
+import inspect
 import math
-from collections.abc import Callable, Sequence
+import sys
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from optax_gc._axes import AxesRule, path_str
+from optax_gc._warnings import InferenceWarning
 
 _Axes = tuple[frozenset, ...]
 _EMPTY: frozenset = frozenset()
@@ -941,7 +945,7 @@ def _decide(uses: dict[_Use, int], shape: tuple[int, ...]) -> tuple[Any, str]:
                 "contracted with constants only (closed-over inputs? pass "
                 "them as arguments)",
             )
-        return None, "not used with data"
+        return None, _NO_DATA
     if "unsupported" in by_kind:
         names = sorted({u.what for u in by_kind["unsupported"]})
         return None, f"unsupported op: {', '.join(names)}"
@@ -1130,13 +1134,21 @@ def infer_output_axes(
       **kwargs: more inputs, likewise.
 
     Returns:
-      An :data:`OutputAxesFn` for ``output_axes`` (:func:`centralize`,
+      A per-leaf rule for ``output_axes`` (:func:`centralize`,
       :func:`with_gc`, the aliases, :func:`gc_fraction`, :func:`explain`),
       keyed by each leaf's path. Applied to a leaf path it never saw, or a
       leaf whose shape differs, it raises ``ValueError`` naming the path.
 
     Raises:
-      ValueError: if ``fn`` is not callable or ``params`` has no array leaf.
+      ValueError: if ``fn`` is not callable, ``params`` has no array leaf, or
+        the call does not fit: inputs missing (``fn(params, *args)`` does not
+        bind), the arguments swapped (``params`` a single array while an
+        input is a tree of arrays, and ``fn`` fails), or a Flax module or its
+        ``apply`` passed as ``fn`` without a variables dict.
+
+    Warns:
+      InferenceWarning: if the rule gives output axes to no leaf, or a leaf is
+        contracted with constants only (what closed-over inputs look like).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -1157,8 +1169,7 @@ def infer_output_axes(
       Yong et al, `Gradient Centralization: A New Optimization Technique for
       Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_, ECCV 2020.
     """
-    if not callable(fn):
-        raise ValueError(f"infer_output_axes: fn must be callable, got {fn!r}.")
+    _check_call(fn, params, args, kwargs)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)  # jax 0.4.35
     paths = [path_str(p) for p, _ in flat]
     leaves = [leaf for _, leaf in flat]
@@ -1187,9 +1198,21 @@ def infer_output_axes(
     # Tracing errors name the user's function, not this wrapper.
     traced_fn.__name__ = getattr(fn, "__name__", "fn")
     traced_fn.__qualname__ = getattr(fn, "__qualname__", traced_fn.__name__)
-    closed = jax.make_jaxpr(traced_fn)(
-        [spec(leaves[i]) for i in traced], [spec(arg_leaves[i]) for i in arg_traced]
-    )
+    try:
+        closed = jax.make_jaxpr(traced_fn)(
+            [spec(leaves[i]) for i in traced],
+            [spec(arg_leaves[i]) for i in arg_traced],
+        )
+    except Exception as e:
+        if _looks_swapped(params, args):
+            raise ValueError(
+                f"infer_output_axes: fn(params, *args) raised "
+                f"{type(e).__name__}, and the arguments look swapped: params is "
+                f"a single array while an input is a tree of "
+                f"{max(len(jax.tree.leaves(a)) for a in args)} arrays. The "
+                "parameters come first: infer_output_axes(fn, params, *inputs)."
+            ) from e
+        raise
     shapes = [tuple(np.shape(leaves[i])) for i in traced]
     interp = _Interpreter(shapes)
     inputs: list[Any] = [
@@ -1214,4 +1237,107 @@ def infer_output_axes(
             decision = (None, "ambiguous path")
         decisions[name] = decision
         leaf_shapes[name] = shape
+    _warn_if_unintended(decisions, leaf_shapes)
     return InferredAxes(decisions, leaf_shapes, frozenset(ambiguous))
+
+
+_CONSTANTS = "contracted with constants only"
+_NO_DATA = "not used with data"
+_SHOWN = 6
+
+
+def _shown(names: Sequence[str]) -> str:
+    more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+    return ", ".join(f'"{n}"' for n in names[:_SHOWN]) + more
+
+
+def _warn_if_unintended(decisions: dict[str, tuple[Any, str]], shapes: dict) -> None:
+    """Warns when the rule centres nothing, or a leaf met constants only."""
+    constants = [n for n, (_, why) in decisions.items() if _CONSTANTS in why]
+    if constants:  # with constants for inputs, later layers meet no data at all
+        constants += [n for n, (_, why) in decisions.items() if why == _NO_DATA]
+    fix = (
+        "Inputs closed over by fn are constants to the analysis: pass them as "
+        "arguments, infer_output_axes(lambda p, x: model.apply({'params': p}, "
+        "x), params, x)."
+    )
+    if constants:
+        one = len(constants) == 1
+        message = (
+            f"infer_output_axes: {_leaves(len(constants))} ({_shown(constants)}) "
+            f"{'is' if one else 'are'} contracted with constants only or not "
+            f"used with data, so GC leaves {'it' if one else 'them'} alone. {fix}"
+        )
+    elif all(axes is None for axes, _ in decisions.values()) and any(
+        shape is not None and len(shape) >= 2 for shape in shapes.values()
+    ):
+        reasons = sorted({why for _, why in decisions.values()})
+        message = (
+            f"infer_output_axes: the rule gives output axes to none of the "
+            f"{_leaves(len(decisions))}, so GC with it changes nothing (reasons: "
+            f"{'; '.join(reasons[:_SHOWN])}). Check with optax_gc.explain; if "
+            "the model's inputs are closed over by fn, pass them as arguments; "
+            "if it is intended, filter optax_gc.InferenceWarning."
+        )
+    else:
+        return
+    warnings.warn(message, InferenceWarning, stacklevel=3)
+
+
+def _flax_linen_module() -> type | None:
+    linen = sys.modules.get("flax.linen")
+    return getattr(linen, "Module", None)
+
+
+def _check_call(fn: Any, params: Any, args: tuple, kwargs: dict) -> None:
+    """Clear errors for the usual wrong calls, before anything is traced."""
+    if not callable(fn):
+        raise ValueError(f"infer_output_axes: fn must be callable, got {fn!r}.")
+    module = _flax_linen_module()
+    fix = (
+        "infer_output_axes(lambda p, x: model.apply({'params': p}, x), "
+        "variables['params'], x)"
+    )
+    if module is not None and isinstance(fn, module):
+        raise ValueError(
+            f"infer_output_axes: fn is a Flax linen module, which is called "
+            f"through model.apply; pass a function of the parameters: {fix}."
+        )
+    owner = getattr(fn, "__self__", None)
+    is_apply = getattr(fn, "__name__", None) == "apply"
+    if module is not None and isinstance(owner, module) and is_apply:
+        if not (isinstance(params, Mapping) and "params" in params):
+            raise ValueError(
+                "infer_output_axes: fn is model.apply, which takes a variables "
+                "dict {'params': ...} first, but params has no 'params' "
+                "collection. Pass a function of the parameters and the "
+                f"parameters themselves: {fix}."
+            )
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(params, *args, **kwargs)
+    except TypeError as e:
+        given = f"{len(args)} input(s)" + (f" and {sorted(kwargs)}" if kwargs else "")
+        hint = (
+            " No inputs were given: pass example inputs (arrays or "
+            "jax.ShapeDtypeStruct) after params, infer_output_axes(fn, params, x)."
+            if not args and not kwargs
+            else ""
+        )
+        raise ValueError(
+            f"infer_output_axes: fn is called as fn(params, *args, **kwargs), "
+            f"here with params and {given}, and that call does not fit its "
+            f"signature {signature}: {e}.{hint}"
+        ) from None
+
+
+def _looks_swapped(params: Any, args: tuple) -> bool:
+    """``params`` a single array while an input is a tree of several arrays."""
+    if not _is_array(params):
+        return False
+    return any(
+        not _is_array(a) and sum(map(_is_array, jax.tree.leaves(a))) >= 2 for a in args
+    )

@@ -16,6 +16,11 @@ from optax_gc import _infer
 
 X = jax.ShapeDtypeStruct((5, 3), jnp.float32)
 
+# Models in which no leaf should be centred: infer_output_axes says so with an
+# InferenceWarning (tested at the end of this file); these tests check the
+# decisions themselves.
+CENTRES_NOTHING = pytest.mark.filterwarnings("ignore::optax_gc.InferenceWarning")
+
 
 def axes_of(rule):
     return {path: axes for path, (axes, _) in rule.decisions.items()}
@@ -97,6 +102,7 @@ def test_conv_dimension_numbers():
     assert why(rule, "oihw") == "conv: in-feature and spatial axes (1, 2, 3)"
 
 
+@CENTRES_NOTHING
 def test_lookup_elementwise_and_tied():
     def fn(p, tokens):
         h = p["tied"][tokens] + p["lookup"][tokens] + p["pos"][0]
@@ -137,6 +143,7 @@ def test_one_hot_matmul_is_a_lookup():
     }
 
 
+@CENTRES_NOTHING
 def test_dynamic_index_with_data_is_a_lookup():
     def fn(p, i, x):
         return x @ jax.lax.dynamic_index_in_dim(p["stack"], i, keepdims=False)
@@ -186,6 +193,7 @@ def test_weight_normalization():
     assert optax_gc.explain(params, output_axes=rule)["g"].why == "fan-in 1"
 
 
+@CENTRES_NOTHING
 def test_untouched_reasons():
     def fn(p, x):
         h = x @ (p["sym"] + p["sym"].T)  # axis 0 and 1 both contracted and kept
@@ -304,7 +312,8 @@ def test_static_arguments_keys_and_abstract_params():
 
 def test_closed_over_data_is_a_constant():
     x = jnp.ones((5, 3))
-    rule = optax_gc.infer_output_axes(lambda p: x @ p["w"], {"w": jnp.ones((3, 2))})
+    with pytest.warns(optax_gc.InferenceWarning, match='"w"'):
+        rule = optax_gc.infer_output_axes(lambda p: x @ p["w"], {"w": jnp.ones((3, 2))})
     assert rule.decisions["w"] == (
         None,
         "contracted with constants only (closed-over inputs? pass them as arguments)",
@@ -389,6 +398,7 @@ def test_shape_mismatch_names_the_leaf():
         optax_gc.centralize(output_axes=rule).update(grads, None)
 
 
+@CENTRES_NOTHING
 def test_paths_that_collide_and_disagree_raise_when_used():
     def fn(p, x):
         return x @ p["a"]["b"] @ p["a/b"].T
@@ -442,6 +452,7 @@ def _taps_scan(w, x):  # ... and as a scan that accumulates into its carry
 
 
 @pytest.mark.parametrize("taps", [_taps_conv, _taps_loop, _taps_scan])
+@CENTRES_NOTHING
 def test_slices_whose_outputs_are_summed_are_not_a_stack(taps):
     w = jax.random.normal(jax.random.key(0), (3, 4, 5))
     x = jax.random.normal(jax.random.key(1), (2, 9, 4))
@@ -528,6 +539,7 @@ def test_lax_map_and_vmap_over_a_stack_agree():
     ],
     ids=["cumsum", "softmax", "minus-unit-0", "minus-mean-over-units", "global-norm"],
 )
+@CENTRES_NOTHING
 def test_mixing_output_units_leaves_the_leaf_alone(mixing):
     # Each output unit then depends on every unit's weights: no per-unit fan-in.
     rule = optax_gc.infer_output_axes(
@@ -622,3 +634,79 @@ def test_fn_and_params_are_positional_only():
 
     rule = optax_gc.infer_output_axes(fn, {"w": jnp.zeros((3, 2))}, X, params=2.0)
     assert axes_of(rule) == {"w": (1,)}
+
+
+# -- likely mistakes: warnings and wrong calls -------------------------------------
+
+
+def _flax_mlp():
+    nn = pytest.importorskip("flax.linen")
+    model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)])
+    x = jnp.ones((4, 5))
+    return model, model.init(jax.random.key(0), x)["params"], x
+
+
+def test_closed_over_inputs_warn_naming_the_leaves_and_the_fix():
+    model, params, x = _flax_mlp()
+    with pytest.warns(optax_gc.InferenceWarning) as record:
+        rule = optax_gc.infer_output_axes(
+            lambda p: model.apply({"params": p}, x), params
+        )
+    message = str(record[0].message)
+    assert '"layers_0/kernel"' in message and '"layers_2/kernel"' in message
+    assert "pass them as arguments" in message
+    assert repr(rule) == "InferredAxes(4 leaves, 0 with output axes)"
+
+
+def test_inputs_passed_as_arguments_do_not_warn():
+    model, params, x = _flax_mlp()
+    rule = optax_gc.infer_output_axes(
+        lambda p, x: model.apply({"params": p}, x), params, x
+    )
+    assert repr(rule) == "InferredAxes(4 leaves, 2 with output axes)"
+
+
+def test_a_rule_that_centres_nothing_warns():
+    def embed_only(p, ids):
+        return p["table"][ids] * p["scale"]
+
+    params = {"table": jnp.ones((10, 4)), "scale": jnp.ones((1, 4))}
+    ids = jnp.zeros(3, jnp.int32)
+    with pytest.warns(optax_gc.InferenceWarning, match="none of the 2 leaves"):
+        optax_gc.infer_output_axes(embed_only, params, ids)
+
+
+def test_forgotten_inputs_are_named():
+    model, params, _ = _flax_mlp()
+    with pytest.raises(ValueError, match="No inputs were given") as info:
+        optax_gc.infer_output_axes(lambda p, x: model.apply({"params": p}, x), params)
+    assert "infer_output_axes(fn, params, x)" in str(info.value)
+
+
+def test_swapped_arguments_are_named():
+    model, params, x = _flax_mlp()
+    with pytest.raises(ValueError, match="look swapped") as info:
+        optax_gc.infer_output_axes(
+            lambda p, x: model.apply({"params": p}, x), x, params
+        )
+    assert "infer_output_axes(fn, params, *inputs)" in str(info.value)
+    assert "Dense" not in str(info.value)  # no dump of the tree
+
+
+def test_model_apply_and_the_module_itself_are_named():
+    model, params, x = _flax_mlp()
+    with pytest.raises(ValueError, match="fn is model.apply"):
+        optax_gc.infer_output_axes(model.apply, params, x)
+    with pytest.raises(ValueError, match="is a Flax linen module"):
+        optax_gc.infer_output_axes(model, params, x)
+    # model.apply with the variables dict is a correct call.
+    rule = optax_gc.infer_output_axes(model.apply, {"params": params}, x)
+    assert rule.decisions["params/layers_0/kernel"][0] == (1,)
+
+
+def test_an_error_inside_fn_is_the_users_own():
+    def broken(p, x):
+        raise KeyError("no such layer")
+
+    with pytest.raises(KeyError, match="no such layer"):
+        optax_gc.infer_output_axes(broken, {"w": jnp.ones((2, 2))}, X)
