@@ -21,10 +21,9 @@ def run_page(page: pathlib.Path) -> dict:
     return namespace
 
 
-def test_every_recipe_is_linked_from_the_readme():
-    readme = (ROOT / "README.md").read_text()
-    for page in PAGES[1:]:
-        assert f"docs/recipes/{page.name}" in readme, page.name
+def test_the_readme_links_the_recipes_page():
+    # Each recipe is in the site's toctree (tests/test_docs_site.py).
+    assert "/recipes.html" in (ROOT / "README.md").read_text()
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
