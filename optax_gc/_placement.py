@@ -84,11 +84,12 @@ def with_gc(
     The default is the gradient for every optimizer. In the project's own
     runs with Adam and AdamW (CNNs with BatchNorm and GroupNorm at two batch
     sizes, a learning-rate sweep, a transformer language model; the table is
-    in the README, "Where GC goes"), neither placement improved held-out
-    metrics, GC on the update lost most at low learning rates, GC on the
-    gradient lowered the CNNs' training loss more, and it is the cheaper of
-    the two. Choose ``"update"`` to hold each unit's mean weight fixed, or to
-    reproduce the authors' ``gc_loc=False``.
+    on the documentation's "Where GC goes" page), neither placement improved
+    held-out metrics, GC on the update lost most at low learning rates, GC on
+    the gradient lowered the CNNs' training loss more, and it is the cheaper
+    of the two. Choose ``"update"`` to hold each unit's mean weight fixed, to
+    reproduce the authors' ``gc_loc=False``, or for AdamW on a transformer,
+    where it was the less harmful of the two.
 
     The state is ``tx``'s own state, unchanged: a checkpoint of ``tx`` restores
     into ``with_gc(tx)`` and back.
