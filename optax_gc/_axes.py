@@ -100,6 +100,8 @@ def as_axes(spec: Any) -> tuple[int, ...] | None:
     """``spec`` as a tuple of distinct-or-not ints, or ``None`` if not axes."""
     if is_int(spec):
         return (int(spec),)
+    if hasattr(spec, "_fields"):  # a NamedTuple is a container, never axes
+        return None
     if isinstance(spec, Sequence) and not isinstance(spec, str):
         axes = tuple(spec)
         if axes and all(is_int(a) for a in axes):
@@ -180,6 +182,11 @@ class AxesRule:
     def check_tree(self, paths: Sequence[str], where: str) -> None:
         """Called once per traversal with every leaf path the transform saw."""
         del paths, where
+
+    def library_default_decides(self, path: Any, leaf: Any) -> bool:
+        """Whether the library's default axes decide this leaf (unasked)."""
+        del path, leaf
+        return False
 
     def __call__(self, path: Any, leaf: Any = _MISSING, *rest: Any) -> Any:
         if leaf is _MISSING or rest:
@@ -289,27 +296,46 @@ def _check_axes_tree(tree: Any, where: str) -> None:
         raise ValueError(f"{where}: output_axes must be {_FORMS}; got {tree!r}.")
     for path, spec in flat:
         if spec is not None:
-            check_axes_spec(spec, f'{where}: output_axes at "{path_str(path)}"')
+            at = f' at "{path_str(path)}"' if path else ""
+            check_axes_spec(spec, f"{where}: output_axes{at}")
 
 
 class TreeAxes(AxesRule):
     """``output_axes`` given as a tree of axes, or as ``params -> tree``."""
 
-    def __init__(self, axes: Any):
+    def __init__(self, axes: Any, is_fn: bool):
         self.axes = axes
+        self.is_fn = is_fn  # an Equinox module of axes is callable, yet a tree
         self._table: dict[tuple, Any] | None = None
 
     def prepare(self, tree: Any, where: str) -> None:
-        if callable(self.axes):
+        if self.is_fn:
             axes = self.axes(tree)
             what = "the tree output_axes(params) returned"
             if isinstance(axes, (jax.Array, np.ndarray)):
                 raise _array_error(axes, where)
+            if axes is None:
+                raise ValueError(
+                    f"{where}: output_axes(params) returned None (a missing "
+                    "return?); to leave every leaf alone, return a tree of None."
+                )
             _check_axes_tree(axes, f"{where}: {what}")
         else:
             axes, what = self.axes, "output_axes"
 
         def fill(spec, subtree):
+            if (
+                isinstance(spec, (list, tuple))
+                and isinstance(subtree, (list, tuple))
+                and len(spec) == len(subtree)
+            ):
+                raise ValueError(
+                    f"{where}: {what} holds the axes {spec!r} where the "
+                    f"parameters hold a {type(subtree).__name__} of "
+                    f"{len(subtree)} subtrees, which reads two ways. Write one "
+                    "entry per subtree (e.g. [(0,), (2,)]) or the same axes for "
+                    "each (e.g. [(0, 2), (0, 2)])."
+                )
             return jax.tree.map(lambda _: _Spec(spec), subtree)
 
         try:
@@ -326,7 +352,7 @@ class TreeAxes(AxesRule):
         del leaf
         if self._table is None:
             raise ValueError("output_axes tree: decided before it was prepared.")
-        reason = "output_axes(params)" if callable(self.axes) else "output_axes tree"
+        reason = "output_axes(params)" if self.is_fn else "output_axes tree"
         spec = self._table[tuple(path)]
         return spec, (reason if spec is not None else f"None in {reason}")
 
@@ -342,7 +368,8 @@ def resolve_output_axes(output_axes: Any, where: str) -> tuple[int, ...] | AxesR
         return output_axes
     if as_axes(output_axes) is not None:
         return check_axes_spec(output_axes, where)
-    if callable(output_axes):
+    leaves = jax.tree.leaves(output_axes, is_leaf=_is_axes_leaf)
+    if callable(output_axes) and len(leaves) == 1 and leaves[0] is output_axes:
         if _takes(output_axes, 1) is False:
             per = (
                 " A per-leaf function (key_path, leaf) -> axes is given as "
@@ -355,7 +382,7 @@ def resolve_output_axes(output_axes: Any, where: str) -> tuple[int, ...] | AxesR
                 f"tree, as params -> tree of axes (optax.masked's convention); "
                 f"{output_axes!r} cannot take one argument.{per}"
             )
-        return TreeAxes(output_axes)
+        return TreeAxes(output_axes, is_fn=True)
     if output_axes is None or isinstance(output_axes, (str, bytes, float, bool)):
         raise ValueError(
             f"{where}: output_axes must be {_FORMS}; got {output_axes!r}. (Under "
@@ -364,7 +391,7 @@ def resolve_output_axes(output_axes: Any, where: str) -> tuple[int, ...] | AxesR
             "count.)"
         )
     _check_axes_tree(output_axes, where)
-    return TreeAxes(output_axes)
+    return TreeAxes(output_axes, is_fn=False)
 
 
 class LeafDecision(NamedTuple):
@@ -402,6 +429,12 @@ class LeafRule:
         self.spec = resolve_output_axes(output_axes, where)
         self.is_default = output_axes is DEFAULT_OUTPUT_AXES
 
+    def by_default(self, path: Any, leaf: Any) -> bool:
+        """Whether the library's default axes, not the user's, decide a leaf."""
+        if isinstance(self.spec, AxesRule):
+            return self.spec.library_default_decides(path, leaf)
+        return self.is_default
+
     def __call__(self, path, g, shape=None) -> LeafDecision:
         ndim, dtype = getattr(g, "ndim", None), getattr(g, "dtype", None)
         if ndim is None or dtype is None:
@@ -435,20 +468,24 @@ def make_leaf_rule(output_axes: OutputAxes, conv_only: bool, where: str) -> Leaf
     return LeafRule(output_axes, conv_only, where)
 
 
-def map_leaves(fn: Callable[..., Any], rule: LeafRule, tree: Any, *rest: Any) -> Any:
+def map_leaves(
+    fn: Callable[..., Any], rule: LeafRule, tree: Any, *rest: Any, seen: Any = None
+) -> Any:
     """``fn(path, leaf, *rest_leaves)`` on every leaf, with the rule's checks.
 
     ``None`` and ``optax.MaskedNode`` are empty subtrees and never visited.
     The checks run once per traversal, so once per trace under ``jit``: a
     tree-valued ``output_axes`` is matched to ``tree`` first, a rule checks
     the paths it saw after, and the default axes look for layouts they get
-    wrong (:func:`optax_gc._layouts.check_default_layout`).
+    wrong (:func:`optax_gc._layouts.check_default_layout`). Both see ``seen``
+    (``tree`` unless given): inside ``shard_map``, the leaves' global shapes.
     """
     from optax_gc._layouts import check_default_layout  # imports this module
 
     spec = rule.spec
+    seen = tree if seen is None else seen  # the global shapes inside shard_map
     if isinstance(spec, AxesRule):
-        spec.prepare(tree, rule.where)
+        spec.prepare(seen, rule.where)
     paths = []
 
     def visit(path, g, *others):
@@ -458,6 +495,6 @@ def map_leaves(fn: Callable[..., Any], rule: LeafRule, tree: Any, *rest: Any) ->
     out = jax.tree_util.tree_map_with_path(visit, tree, *rest)
     if isinstance(spec, AxesRule):
         spec.check_tree(paths, rule.where)
-    if rule.is_default:
-        check_default_layout(tree, rule)
+    if rule.is_default or getattr(spec, "default", None) is DEFAULT_OUTPUT_AXES:
+        check_default_layout(seen, rule)
     return out

@@ -25,6 +25,7 @@ the reason.
 from __future__ import annotations
 
 import bisect
+import functools
 import inspect
 import math
 import sys
@@ -1257,9 +1258,12 @@ def _warn_if_unintended(decisions: dict[str, tuple[Any, str]], shapes: dict) -> 
     if constants:  # with constants for inputs, later layers meet no data at all
         constants += [n for n, (_, why) in decisions.items() if why == _NO_DATA]
     fix = (
-        "Inputs closed over by fn are constants to the analysis: pass them as "
-        "arguments, infer_output_axes(lambda p, x: model.apply({'params': p}, "
-        "x), params, x)."
+        "Inputs closed over by fn, or passed as anything but arrays or "
+        "jax.ShapeDtypeStruct, are constants to the analysis: pass them as "
+        "array arguments, infer_output_axes(lambda p, x: model.apply({'params': "
+        "p}, x), params, x). If the constant is part of the model (a fixed "
+        "matrix), leaving the leaf alone is the intended decision: filter "
+        "optax_gc.InferenceWarning."
     )
     if constants:
         one = len(constants) == 1
@@ -1303,8 +1307,11 @@ def _check_call(fn: Any, params: Any, args: tuple, kwargs: dict) -> None:
             f"infer_output_axes: fn is a Flax linen module, which is called "
             f"through model.apply; pass a function of the parameters: {fix}."
         )
-    owner = getattr(fn, "__self__", None)
-    is_apply = getattr(fn, "__name__", None) == "apply"
+    inner = fn
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    owner = getattr(inner, "__self__", None)
+    is_apply = getattr(inner, "__name__", None) == "apply"
     if module is not None and isinstance(owner, module) and is_apply:
         if not (isinstance(params, Mapping) and "params" in params):
             raise ValueError(

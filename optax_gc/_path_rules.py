@@ -34,6 +34,12 @@ class PathRules(AxesRule):
                 return axes, f"path_rules {regex.pattern!r}"
         return self.default, "path_rules default"
 
+    def library_default_decides(self, path: Any, leaf: Any) -> bool:
+        if self.default is not DEFAULT_OUTPUT_AXES:
+            return False
+        name = path_str(path)
+        return not any(regex.search(name) for regex, _ in self.rules)
+
     def check_tree(self, paths: Sequence[str], where: str) -> None:
         deciding = set()
         for name in paths:

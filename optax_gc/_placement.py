@@ -48,11 +48,13 @@ def _warn_schedule_free(state: Any, where: str) -> None:
     found = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kind))
     if any(isinstance(s, kind) for s in found):
         warnings.warn(
-            f"{where}: the wrapped optimizer is schedule-free: it keeps "
-            "evaluation parameters (optax.contrib.schedule_free_eval_params) "
-            "in its state, which GC does not centre; only the training "
-            "parameters' updates are centralized, so the evaluation "
-            "parameters' per-unit means move.",
+            f"{where}: the wrapped optimizer is schedule-free: it keeps a "
+            "second sequence of parameters in its state, from which "
+            "optax.contrib.schedule_free_eval_params computes the evaluation "
+            "parameters. GC on the final update centres the training "
+            "parameters' updates only, so the evaluation parameters' per-unit "
+            "means are not held fixed. location='gradient' centres what every "
+            "sequence is built from.",
             ScheduleFreeWarning,
             stacklevel=3,
         )
@@ -114,8 +116,9 @@ def with_gc(
     * Schedule-free optimizers (``optax.contrib.schedule_free_*``) keep a
       second set of evaluation parameters in their state; GC centralizes the
       updates of the training parameters only, so the per-unit means of the
-      evaluation parameters are not held fixed. ``init`` warns
-      (:class:`optax_gc.ScheduleFreeWarning`).
+      evaluation parameters are not held fixed by ``location="update"``, and
+      its ``init`` warns (:class:`optax_gc.ScheduleFreeWarning`). With
+      ``location="gradient"`` every sequence is built from centred gradients.
 
     Args:
       tx: the optimizer to wrap: what ``optax.chain`` takes, an
@@ -194,7 +197,8 @@ def place_gc(
         state = inner.init(params)
         if not before:
             _check_no_line_search(state, where)
-        _warn_schedule_free(state, where)
+        if not before:
+            _warn_schedule_free(state, where)
         return state
 
     def update_fn(updates, state, params=None, **extra_args):

@@ -312,4 +312,11 @@ def centralize_tree(
         return subtract_fan_in_mean(g, axes, (sharded, fan_in_size(shape, axes)))
 
     specs = _broadcast_specs(partition_specs, updates, where)
-    return map_leaves(sharded_leaf_fn, rule, updates, specs)
+
+    def global_leaf(path, g, spec):
+        if not hasattr(g, "ndim"):
+            return g
+        return jax.ShapeDtypeStruct(_sharded_fan_in(g, spec, path, where)[0], g.dtype)
+
+    seen = jax.tree_util.tree_map_with_path(global_leaf, updates, specs)
+    return map_leaves(sharded_leaf_fn, rule, updates, specs, seen=seen)

@@ -24,10 +24,14 @@ class UnmatchedPatternWarning(OptaxGCWarning):
 class LayoutWarning(OptaxGCWarning):
     """The default ``output_axes=(-1,)`` met leaves whose layout it gets wrong.
 
-    Raised when a tree centred with the default axes shows, by its module
-    types or leaf names, output-first weights (Equinox layers), embedding
-    tables, attention kernels ``(in, H, D)`` or layers stacked by ``nn.scan``.
-    Passing ``output_axes`` explicitly (e.g. ``output_axes=0``, or the rule
+    Raised at trace time when leaves decided by the default axes (all of
+    them, or those no pattern of a ``path_rules`` with the library's default
+    matches) show, by their names, ranks or Equinox module types, a layout
+    the default gets wrong: output-first weights (Equinox, PyTorch state
+    dicts), embedding tables, attention projections ``(in, H, D)``, Haiku
+    transposed convolutions, layers stacked by ``nn.scan`` or
+    ``hk.layer_stack``, biases and norm parameters of several axes. Passing
+    ``output_axes`` explicitly (e.g. ``output_axes=0``, or the rule
     :func:`optax_gc.infer_output_axes` returns) silences it.
     """
 
@@ -42,8 +46,9 @@ class InferenceWarning(OptaxGCWarning):
 
 
 class ScheduleFreeWarning(OptaxGCWarning):
-    """:func:`optax_gc.with_gc` wraps a schedule-free optimizer.
+    """:func:`optax_gc.with_gc` puts GC on the update of a schedule-free optimizer.
 
-    Schedule-free optimizers keep evaluation parameters in their state; GC
-    centres the updates of the training parameters only.
+    Schedule-free optimizers keep a second sequence of parameters in their
+    state, from which the evaluation parameters are computed; GC on the final
+    update centres the training parameters' updates only.
     """

@@ -1,6 +1,6 @@
 """Axes types, validation, key-path format and per-leaf decisions (``_axes``)."""
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -282,3 +282,48 @@ def test_a_fn_under_inject_hyperparams_without_static_args_says_so():
     params = {"w": jnp.ones((2, 3))}
     with pytest.raises(ValueError, match="static_args"):
         tx.update(params, tx.init(params), params)
+
+
+class _Pair(NamedTuple):
+    torch: Any
+    flax: Any
+
+
+def test_a_namedtuple_of_ints_is_a_container_not_axes():
+    grads = _Pair(torch=jnp.ones((8, 3, 5)), flax=jnp.ones((5, 3, 8)))
+    table = optax_gc.explain(grads, output_axes=_Pair(torch=0, flax=2))
+    assert [r.kept for r in table] == [(0,), (2,)]
+
+
+def test_a_list_of_ints_over_a_list_of_subtrees_is_refused_as_ambiguous():
+    grads = {"layers": [jnp.ones((4, 3, 5)), jnp.ones((4, 3, 5))]}
+    with pytest.raises(ValueError, match="reads two ways"):
+        optax_gc.explain(grads, output_axes={"layers": [0, 2]})
+    table = optax_gc.explain(grads, output_axes={"layers": [(0,), (2,)]})
+    assert [r.kept for r in table] == [(0,), (2,)]
+
+
+def test_a_fn_that_returns_none_is_an_error():
+    def forgot_to_return(params):
+        jax.tree.map(lambda x: -1, params)
+
+    tx = optax_gc.centralize(output_axes=forgot_to_return)
+    with pytest.raises(ValueError, match="returned None"):
+        tx.update({"w": jnp.ones((2, 3))}, None)
+
+
+def test_an_equinox_module_of_axes_is_a_tree_not_a_fn():
+    eqx = pytest.importorskip("equinox")
+    model = eqx.nn.MLP(4, 3, 8, 1, key=jax.random.key(0))
+    params = eqx.filter(model, eqx.is_array)
+    axes = jax.tree.map(lambda a: 0 if a.ndim >= 2 else None, params)
+    assert callable(axes)  # an eqx.Module is callable: still a tree of axes
+    table = optax_gc.explain(params, output_axes=axes)
+    assert [r.kept for r in table if r.kept] == [(0,), (0,)]
+
+
+def test_a_bad_root_value_names_no_empty_path():
+    tx = optax_gc.centralize(output_axes=lambda params: "x")
+    with pytest.raises(ValueError) as info:
+        tx.update({"w": jnp.ones((2, 3))}, None)
+    assert 'at ""' not in str(info.value)

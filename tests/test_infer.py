@@ -5,6 +5,8 @@ Whole models built from Flax, Equinox and Haiku layers are in
 ``tests/test_infer_jax_models.py``.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -654,7 +656,7 @@ def test_closed_over_inputs_warn_naming_the_leaves_and_the_fix():
         )
     message = str(record[0].message)
     assert '"layers_0/kernel"' in message and '"layers_2/kernel"' in message
-    assert "pass them as arguments" in message
+    assert "pass them as array arguments" in message
     assert repr(rule) == "InferredAxes(4 leaves, 0 with output axes)"
 
 
@@ -699,6 +701,8 @@ def test_model_apply_and_the_module_itself_are_named():
         optax_gc.infer_output_axes(model.apply, params, x)
     with pytest.raises(ValueError, match="is a Flax linen module"):
         optax_gc.infer_output_axes(model, params, x)
+    with pytest.raises(ValueError, match="fn is model.apply"):
+        optax_gc.infer_output_axes(functools.partial(model.apply), params, x)
     # model.apply with the variables dict is a correct call.
     rule = optax_gc.infer_output_axes(model.apply, {"params": params}, x)
     assert rule.decisions["params/layers_0/kernel"][0] == (1,)

@@ -184,3 +184,116 @@ def test_a_transform_warns_once_per_trace():
         for _ in range(3):
             _, state = step(grads, state, grads)
     assert [w.category for w in record] == [optax_gc.LayoutWarning]
+
+
+def _message(tree, **kwargs):
+    with pytest.warns(optax_gc.LayoutWarning) as record:
+        optax_gc.explain(tree, **kwargs)
+    return str(record[0].message)
+
+
+def _quiet(tree, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return optax_gc.explain(tree, **kwargs)
+
+
+def test_haiku_transposed_convolutions_warn():
+    hk = pytest.importorskip("haiku")
+    # hk.Conv2DTranspose stores w as (kh, kw, out, in): its output axis is -2.
+    f = hk.without_apply_rng(hk.transform(lambda x: hk.Conv2DTranspose(6, 3)(x)))
+    params = f.init(jax.random.key(0), jnp.ones((1, 4, 4, 2)))
+    assert params["conv2_d_transpose"]["w"].shape == (3, 3, 6, 2)
+    assert '"conv2_d_transpose/w" (3, 3, 6, 2)' in _message(params)
+    _quiet(params, output_axes=-2)
+
+
+def test_a_scanned_block_without_biases_warns_on_its_kernels():
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            x = x + nn.Dense(8, use_bias=False)(nn.LayerNorm()(x))
+            return x + nn.Dense(8, use_bias=False)(nn.LayerNorm()(x)), None
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            stack = nn.scan(
+                Block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                length=3,
+            )
+            return stack(name="layers")(x, None)[0]
+
+    params = Net().init(jax.random.key(0), jnp.ones((2, 8)))["params"]
+    message = _message(params)
+    assert '"layers/Dense_0/kernel" (3, 8, 8)' in message
+    assert "stacked on a leading axis" in message
+
+
+def test_a_haiku_layer_stack_without_biases_warns():
+    hk = pytest.importorskip("haiku")
+
+    def forward(x):
+        return hk.layer_stack(4)(
+            lambda x: jax.nn.relu(hk.Linear(8, with_bias=False)(x))
+        )(x)
+
+    f = hk.without_apply_rng(hk.transform(forward))
+    params = f.init(jax.random.key(0), jnp.ones((2, 8)))
+    assert '"__layer_stack_no_per_layer/linear/w" (4, 8, 8)' in _message(params)
+
+
+def test_pytorch_state_dict_keys_warn():
+    state = {"conv1.weight": jnp.ones((8, 3, 3, 3)), "fc.weight": jnp.ones((10, 8))}
+    message = _message(state)
+    assert '"conv1.weight"' in message and '"fc.weight"' in message
+    assert "output_axes=0" in message
+
+
+def test_flax_attention_biases_are_named_with_the_kernels():
+    _, params, _ = _flax(_Attention())
+    message = _message(params)
+    assert '"MultiHeadDotProductAttention_0/query/bias" (2, 4)' in message
+
+
+def test_equinox_embeddings_and_norms_are_told_apart_from_weights():
+    keys = jax.random.split(jax.random.key(0), 2)
+    model = {
+        "emb": eqx.nn.Embedding(20, 4, key=keys[0]),
+        "norm": eqx.nn.LayerNorm((3, 4)),
+        "proj": eqx.nn.Linear(4, 5, key=keys[1]),
+    }
+    message = _message(eqx.filter(model, eqx.is_array))
+    emb, norm, proj = (message.index(f'"{p}') for p in ("emb/", "norm/", "proj/"))
+    assert "vocabulary" in message[emb:] and "normalization" in message[norm:]
+    fixes = message.split("; ")
+    assert any('"proj/weight"' in f and "output_axes=0" in f for f in fixes)
+    assert not any('"emb/weight"' in f and "output_axes=0" in f for f in fixes)
+
+
+def test_convolutions_named_like_attention_do_not_warn():
+    class SelfAttention2D(nn.Module):  # SAGAN-style: 1x1 convs, (out,) biases
+        @nn.compact
+        def __call__(self, x):
+            q = nn.Conv(4, (1, 1), name="query")(x)
+            k = nn.Conv(4, (3,), name="key")(x.reshape(x.shape[0], -1, x.shape[-1]))
+            return q.sum() + k.sum()
+
+    params = SelfAttention2D().init(jax.random.key(0), jnp.ones((1, 4, 4, 2)))
+    _quiet(params["params"])
+
+
+def test_path_rules_leave_the_default_leaves_checked():
+    _, params, _ = _flax(_Attention())
+    following_the_embedding_advice = optax_gc.path_rules({r"embedding$": None})
+    message = _message(params, output_axes=following_the_embedding_advice)
+    assert '"MultiHeadDotProductAttention_0/query/kernel"' in message
+    assert '"Embed_0/embedding"' not in message  # the rule decides it
+    explicit = optax_gc.path_rules({r"embedding$": None}, default=(-1,))
+    _quiet(params, output_axes=explicit)
+
+
+def test_short_names_alone_are_not_read_as_biases():
+    _quiet({"a": jnp.ones((4, 8)), "b": jnp.ones((3, 3, 8, 8))})

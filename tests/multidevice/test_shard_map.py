@@ -184,6 +184,18 @@ def test_callable_output_axes_inside_shard_map():
     np.testing.assert_allclose(out["dense"], oracle(tree["dense"], (-1,)), atol=1e-6)
 
 
+def test_a_params_fn_inside_shard_map_sees_the_global_shapes():
+    tree = {"embed": _normal((64, 16)), "dense": _normal((32, 16), seed=1)}
+    specs = {"embed": P("a", None), "dense": P("a", "b")}
+
+    def axes(params):  # decides by global shape: (64, 16) is the embedding
+        return jax.tree.map(lambda x: None if x.shape == (64, 16) else -1, params)
+
+    out = gc_in_shard_map(tree, specs, output_axes=axes)
+    np.testing.assert_array_equal(out["embed"], tree["embed"])
+    np.testing.assert_allclose(out["dense"], oracle(tree["dense"], (-1,)), atol=1e-6)
+
+
 def test_bias_and_global_fan_in_one_untouched():
     tree = {
         "bias": _normal((128,)),
