@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, TypeAlias
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 AxesLike: TypeAlias = int | Sequence[int]
 """One output axis or several; negative values count from the end."""
@@ -283,11 +284,62 @@ def _is_axes_leaf(x: Any) -> bool:
     return x is None or as_axes(x) is not None
 
 
-class _Spec:
-    """One leaf's axes in a broadcast axes tree (opaque to ``jax.tree``)."""
+def _is_empty(x: Any) -> bool:
+    """A subtree a transform sees as nothing (``optax.masked``'s ``MaskedNode``)."""
+    return x is None or isinstance(x, optax.MaskedNode)
 
-    def __init__(self, axes: Any):
-        self.axes = axes
+
+def _broadcast_axes(axes: Any, tree: Any, where: str) -> dict[tuple, Any]:
+    """Each leaf path of ``tree`` to the axes of its prefix in ``axes``.
+
+    ``axes`` must be a prefix of the tree the transform is given, except
+    where that tree holds an empty subtree (under ``optax.masked`` or
+    ``optax.multi_transform`` the masked-out parts are one ``MaskedNode``).
+    """
+    specs = {
+        tuple(path): spec
+        for path, spec in jax.tree_util.tree_flatten_with_path(
+            axes, is_leaf=_is_axes_leaf
+        )[0]
+    }
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_empty)[0]
+    empty = {tuple(path) for path, leaf in flat if _is_empty(leaf)}
+    table: dict[tuple, Any] = {}
+    covered: dict[tuple, list[tuple]] = {}
+    for path, leaf in flat:
+        path = tuple(path)
+        if _is_empty(leaf):
+            continue
+        prefix = next(
+            (path[:n] for n in range(len(path) + 1) if path[:n] in specs), None
+        )
+        if prefix is None:
+            raise ValueError(
+                f'{where}: no axes for leaf "{path_str(path)}"; the axes tree '
+                "must be a prefix of the parameter tree (as optax.masked's mask "
+                "is), with axes or None at its leaves."
+            )
+        table[path] = specs[prefix]
+        covered.setdefault(prefix, []).append(path)
+    for prefix, spec in specs.items():
+        if prefix not in covered:
+            if not any(prefix[: len(e)] == e for e in empty):
+                raise ValueError(
+                    f'{where}: the axes at "{path_str(prefix)}" match no leaf of '
+                    "the parameter tree; the axes tree must be a prefix of it."
+                )
+            continue
+        below = {p[len(prefix)] for p in covered[prefix] if len(p) > len(prefix)}
+        sequence = all(isinstance(k, jax.tree_util.SequenceKey) for k in below)
+        if below and sequence and isinstance(spec, (list, tuple)):
+            if len(below) == len(spec):
+                raise ValueError(
+                    f'{where}: the axes {spec!r} at "{path_str(prefix)}" sit '
+                    f"over a sequence of {len(below)} subtrees, which reads two "
+                    "ways. Write one entry per subtree (e.g. [(0,), (2,)]) or "
+                    "the same axes for each (e.g. [(0, 2), (0, 2)])."
+                )
+    return table
 
 
 def _check_axes_tree(tree: Any, where: str) -> None:
@@ -323,30 +375,7 @@ class TreeAxes(AxesRule):
         else:
             axes, what = self.axes, "output_axes"
 
-        def fill(spec, subtree):
-            if (
-                isinstance(spec, (list, tuple))
-                and isinstance(subtree, (list, tuple))
-                and len(spec) == len(subtree)
-            ):
-                raise ValueError(
-                    f"{where}: {what} holds the axes {spec!r} where the "
-                    f"parameters hold a {type(subtree).__name__} of "
-                    f"{len(subtree)} subtrees, which reads two ways. Write one "
-                    "entry per subtree (e.g. [(0,), (2,)]) or the same axes for "
-                    "each (e.g. [(0, 2), (0, 2)])."
-                )
-            return jax.tree.map(lambda _: _Spec(spec), subtree)
-
-        try:
-            filled = jax.tree.map(fill, axes, tree, is_leaf=_is_axes_leaf)
-        except (ValueError, TypeError) as e:
-            raise ValueError(
-                f"{where}: {what} must be a prefix of the parameter tree (as "
-                f"optax.masked's mask is), with axes or None at its leaves: {e}"
-            ) from None
-        flat = jax.tree_util.tree_flatten_with_path(filled)[0]
-        self._table = {tuple(p): s.axes for p, s in flat}
+        self._table = _broadcast_axes(axes, tree, f"{where}: {what}")
 
     def decide(self, path: Any, leaf: Any) -> tuple[Any, str]:
         del leaf

@@ -252,10 +252,33 @@ def test_gc_fraction_takes_the_tree_form():
     assert float(ours["heads"]["kernel"]) > 0 and float(ours["heads"]["bias"]) == 0
 
 
-def test_a_tree_that_is_not_a_prefix_names_output_axes():
+def test_a_tree_that_is_not_a_prefix_names_output_axes_and_the_path():
     tx = optax_gc.centralize(output_axes={"a": 0, "b": 0})
-    with pytest.raises(ValueError, match="output_axes must be a prefix"):
+    with pytest.raises(ValueError, match='output_axes: the axes at "b" match no'):
         tx.update({"a": jnp.ones((2, 3))}, None)
+    tx = optax_gc.centralize(output_axes={"a": 0})
+    with pytest.raises(ValueError, match='output_axes: no axes for leaf "c/w"'):
+        tx.update({"a": jnp.ones((2, 3)), "c": {"w": jnp.ones((2, 3))}}, None)
+
+
+@pytest.mark.parametrize("combinator", ["masked", "multi_transform"])
+def test_a_params_axes_tree_fits_under_a_prefix_mask(combinator):
+    params = {"enc": {"w": jnp.ones((4, 3))}, "dec": {"w": jnp.ones((4, 3))}}
+    grads = {
+        "enc": {"w": jnp.arange(12.0).reshape(4, 3)},
+        "dec": {"w": jnp.ones((4, 3))},
+    }
+    gc = optax_gc.centralize(output_axes={"enc": {"w": 0}, "dec": {"w": 0}})
+    if combinator == "masked":
+        tx = optax.masked(gc, {"enc": True, "dec": False})
+    else:
+        tx = optax.multi_transform(
+            {"gc": gc, "none": optax.identity()}, {"enc": "gc", "dec": "none"}
+        )
+    out, _ = tx.update(grads, tx.init(params), params)
+    g = np.arange(12.0).reshape(4, 3)
+    np.testing.assert_allclose(out["enc"]["w"], g - g.mean(1, keepdims=True))
+    np.testing.assert_array_equal(out["dec"]["w"], grads["dec"]["w"])
 
 
 def test_bad_axes_inside_a_tree_name_their_path():
