@@ -237,6 +237,11 @@ def gc_adam(
       >>> import optax_gc
       >>> params = {"kernel": jnp.zeros((2, 2))}
       >>> grads = {"kernel": jnp.array([[1.0, 2.0], [-3.0, 2.0]])}
+      >>> tx = optax_gc.gc_adam(0.5)  # GC on the gradient, before the moments
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> print(updates["kernel"].round(4))
+      [[-0.5 -0. ]
+       [ 0.5 -0. ]]
       >>> tx = optax_gc.gc_adam(0.5, location="update")
       >>> updates, _ = tx.update(grads, tx.init(params), params)
       >>> print(updates["kernel"].round(4))
@@ -315,6 +320,11 @@ def gc_adamw(
       >>> import optax_gc
       >>> params = {"kernel": jnp.array([[1.0, 0.0], [3.0, 0.0]])}
       >>> grads = {"kernel": jnp.array([[1.0, 1.0], [-1.0, 1.0]])}
+      >>> tx = optax_gc.gc_adamw(0.25, weight_decay=0.5)  # decay not centred
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> print(updates["kernel"].round(4))
+      [[-0.375 -0.   ]
+       [-0.125 -0.   ]]
       >>> tx = optax_gc.gc_adamw(0.1, weight_decay=0.5, location="update")
       >>> updates, _ = tx.update(grads, tx.init(params), params)
       >>> print(updates["kernel"].round(4))  # the decay term centred too

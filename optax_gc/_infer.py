@@ -1307,9 +1307,14 @@ def _check_call(fn: Any, params: Any, args: tuple, kwargs: dict) -> None:
             f"infer_output_axes: fn is a Flax linen module, which is called "
             f"through model.apply; pass a function of the parameters: {fix}."
         )
-    inner = fn
-    while isinstance(inner, functools.partial):
-        inner = inner.func
+    inner: Any = fn  # through functools.partial and jax.jit, to a bound method
+    while getattr(inner, "__self__", None) is None:
+        if isinstance(inner, functools.partial):
+            inner = inner.func
+        elif hasattr(inner, "__wrapped__"):
+            inner = getattr(inner, "__wrapped__")  # noqa: B009
+        else:
+            break
     owner = getattr(inner, "__self__", None)
     is_apply = getattr(inner, "__name__", None) == "apply"
     if module is not None and isinstance(owner, module) and is_apply:

@@ -131,8 +131,10 @@ def path_rules(
       ``static_args`` (it treats callables as schedules).
 
     Raises:
-      ValueError: if a pattern is not a valid regular expression or an axes
-        value is malformed (named in the message); with ``strict=True``, at
+      ValueError: if ``rules`` is not a mapping or a sequence of pairs (a set,
+        whose order would decide which pattern wins, or a generator), a
+        pattern is not a valid regular expression or an axes value is
+        malformed or callable (named in the message); with ``strict=True``, at
         trace time, if a pattern matches no leaf.
 
     Examples:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any, Literal, TypeAlias, get_args
 
@@ -39,6 +40,24 @@ def _check_no_line_search(state: Any, where: str) -> None:
             "what the line search checked. Use location='gradient' (GC on the "
             "gradient the optimizer sees)."
         )
+
+
+def _with_extra_args(tx: Any) -> optax.GradientTransformationExtraArgs:
+    """``tx`` as an ExtraArgs transformation, keeping the extra args it takes.
+
+    ``optax.with_extra_args_support`` drops them for anything that is not a
+    ``GradientTransformationExtraArgs``, such as ``optax.MultiSteps``, whose
+    ``update`` takes and passes on ``**extra_args``.
+    """
+    if isinstance(tx, optax.GradientTransformationExtraArgs):
+        return tx
+    try:
+        kinds = [p.kind for p in inspect.signature(tx.update).parameters.values()]
+    except (TypeError, ValueError):
+        kinds = []
+    if inspect.Parameter.VAR_KEYWORD in kinds:
+        return optax.GradientTransformationExtraArgs(tx.init, tx.update)
+    return optax.with_extra_args_support(tx)
 
 
 def _warn_schedule_free(state: Any, where: str) -> None:
@@ -143,6 +162,11 @@ def with_gc(
       >>> import optax_gc
       >>> params = {"kernel": jnp.array([[1.0, 2.0], [3.0, 4.0]])}
       >>> grads = {"kernel": jnp.array([[1.0, 0.0], [0.0, 1.0]])}
+      >>> tx = optax_gc.with_gc(optax.sgd(0.1))  # GC on the gradient (default)
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> print(updates["kernel"])
+      [[-0.05  0.05]
+       [ 0.05 -0.05]]
       >>> tx = optax_gc.with_gc(optax.adam(0.1), location="update")
       >>> updates, _ = tx.update(grads, tx.init(params), params)
       >>> print(updates["kernel"].round(4))  # column means stay at zero
@@ -187,7 +211,7 @@ def place_gc(
         )
     rule = make_leaf_rule(output_axes, conv_only, where)
     check_partition_specs(partition_specs, where)
-    inner = optax.with_extra_args_support(tx)
+    inner = _with_extra_args(tx)
     before = location == "gradient"
 
     def gc(updates):
@@ -197,7 +221,6 @@ def place_gc(
         state = inner.init(params)
         if not before:
             _check_no_line_search(state, where)
-        if not before:
             _warn_schedule_free(state, where)
         return state
 

@@ -171,8 +171,9 @@ def centralize(
         of ints for every leaf, or per leaf (see above). With the default,
         ``(-1,)``, a tree that shows a layout the default gets wrong (Equinox
         weights, embedding tables, attention kernels ``(in, H, D)``, stacked
-        layers) raises a :class:`optax_gc.LayoutWarning` at trace time; any
-        explicit value silences it.
+        layers) raises a :class:`optax_gc.LayoutWarning` at trace time, as
+        do the leaves a ``path_rules`` keeping the library's default leaves to
+        it; any other explicit value silences it.
       conv_only: if True, only leaves with ndim >= 4 are centralized (GCC).
       partition_specs: inside ``shard_map`` only: a ``PartitionSpec`` (for
         every leaf) or a tree of them with the structure of the updates (or a

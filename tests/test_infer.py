@@ -703,6 +703,8 @@ def test_model_apply_and_the_module_itself_are_named():
         optax_gc.infer_output_axes(model, params, x)
     with pytest.raises(ValueError, match="fn is model.apply"):
         optax_gc.infer_output_axes(functools.partial(model.apply), params, x)
+    with pytest.raises(ValueError, match="fn is model.apply"):
+        optax_gc.infer_output_axes(jax.jit(model.apply), params, x)
     # model.apply with the variables dict is a correct call.
     rule = optax_gc.infer_output_axes(model.apply, {"params": params}, x)
     assert rule.decisions["params/layers_0/kernel"][0] == (1,)

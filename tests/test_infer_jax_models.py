@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import optax_gc
+from optax_gc._axes import path_str
 from tests.helpers import fan_in_means
 
 F32 = jnp.float32
@@ -384,7 +385,7 @@ def _random(tree, seed):
 
 def _flat(tree):
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]  # paths as "a/b"
-    return [("/".join(str(getattr(k, "key", k)) for k in p), x) for p, x in flat]
+    return [(path_str(p), x) for p, x in flat]
 
 
 # No gradient through pure_callback or a while_loop (reverse mode); the

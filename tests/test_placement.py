@@ -235,6 +235,21 @@ def test_optax_multisteps_is_accepted_as_optax_chain_accepts_it():
     )
 
 
+@pytest.mark.parametrize("location", ["gradient", "update"])
+def test_multisteps_passes_extra_args_on(location):
+    seen = []
+
+    def update_fn(updates, state, params=None, **extra_args):
+        seen.append(sorted(extra_args))
+        return updates, state
+
+    spy = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update_fn)
+    tx = optax_gc.with_gc(optax.MultiSteps(spy, every_k_schedule=1), location=location)
+    params = {"w": jnp.ones((3, 4))}
+    tx.update(params, tx.init(params), params, value=1.0)
+    assert seen and all(s == ["value"] for s in seen)
+
+
 def test_what_is_not_an_optimizer_is_refused_by_name():
     with pytest.raises(ValueError, match="tx must be an optax optimizer"):
         optax_gc.with_gc(optax.adam)  # the factory, not the optimizer

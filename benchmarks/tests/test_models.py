@@ -8,6 +8,7 @@ import pytest
 
 import optax_gc
 from benchmarks import models
+from optax_gc._axes import path_str
 
 
 def test_real_tree_shapes():
@@ -32,7 +33,7 @@ def test_gpt2_module_has_the_gpt2_tree_and_inference_agrees_with_the_rules():
     tokens = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
     params = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    shapes = {"/".join(k.key for k in p): tuple(x.shape) for p, x in flat}
+    shapes = {path_str(p): tuple(x.shape) for p, x in flat}
     assert shapes == models.gpt2_small_shapes()
     rule = optax_gc.infer_output_axes(
         lambda p, t: model.apply({"params": p}, t), params, tokens
