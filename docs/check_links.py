@@ -5,8 +5,10 @@
 * A link that starts with the documentation base URL (``[project.urls]
   Documentation`` in ``pyproject.toml``) must name a page of the built site,
   and its ``#anchor``, if any, must be an ``id`` in that page.
-* A link to ``https://github.com/optax-gc/optax-gc/blob/main/<path>`` or
-  ``.../tree/main/<path>`` must name a file or folder of the checkout.
+* A link to ``<Source>/blob/main/<path>`` or ``<Source>/tree/main/<path>``
+  (``[project.urls] Source``) must name a file or folder of the checkout.
+* A relative link is broken: it stops working where the README is shown
+  away from the repository (a package index).
 
 Every broken link is listed; the exit status is 1 if there is one.
 """
@@ -25,7 +27,7 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
-REPOSITORY = "https://github.com/optax-gc/optax-gc"
+PYPROJECT = pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml"
 # Markdown links and images, [text](url "title"), <url> autolinks and
 # reference definitions, [name]: url.
 _LINK = re.compile(
@@ -36,12 +38,21 @@ _LINK = re.compile(
 )
 
 
-def documentation_url(pyproject: pathlib.Path) -> str | None:
-    """``[project.urls] Documentation`` of ``pyproject``, or None if it is missing."""
+def project_url(pyproject: pathlib.Path, name: str) -> str | None:
+    """``[project.urls] <name>`` of ``pyproject``, or None if it is missing."""
     with open(pyproject, "rb") as f:
         urls = tomllib.load(f).get("project", {}).get("urls", {})
-    url = urls.get("Documentation")
+    url = urls.get(name)
     return url if isinstance(url, str) and url else None
+
+
+def documentation_url(pyproject: pathlib.Path) -> str | None:
+    """``[project.urls] Documentation`` of ``pyproject``, or None if it is missing."""
+    return project_url(pyproject, "Documentation")
+
+
+# The one project address, as pyproject.toml gives it.
+REPOSITORY = (project_url(PYPROJECT, "Source") or "").rstrip("/")
 
 
 def links(markdown: str) -> list[str]:
@@ -109,8 +120,10 @@ def broken_links(
         reason = None
         if base and url.startswith(base):
             reason = check_site_link(url, base, site)
-        elif url == REPOSITORY or url.startswith(f"{REPOSITORY}/"):
+        elif REPOSITORY and (url == REPOSITORY or url.startswith(f"{REPOSITORY}/")):
             reason = check_repository_link(url, root)
+        elif not re.match(r"[a-z][a-z+.-]*:|#", url):
+            reason = "a relative link, broken wherever the README is shown off-repo"
         if reason:
             broken.append(f"{url}: {reason}")
     return broken

@@ -10,7 +10,7 @@ import sys
 DOCS = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(DOCS), str(DOCS / "_ext")]
 
-from check_links import documentation_url  # noqa: E402
+from check_links import REPOSITORY, documentation_url  # noqa: E402
 from optax_gc_sphinx import type_aliases  # noqa: E402
 
 project = "optax_gc"
@@ -55,20 +55,11 @@ napoleon_use_rtype = False
 # works in the site and on GitHub alike.
 myst_heading_anchors = 3
 
-# Recipes link to README sections that are pages of their own here.
-readme_sections = {
-    "where-gc-goes-gradient-or-update": "placement.md",
-    "any-model-let-the-computation-decide-the-axes": "inference.md",
-    "axis-conventions": "axes.md",
-    "how-it-differs-from-optaxcentralize": "axes.md",
-    "results": "results.md",
-}
-
 html_theme = "sphinx_book_theme"
 html_title = f"optax_gc {release}"
 html_baseurl = documentation_url(DOCS.parent / "pyproject.toml") or ""
 html_theme_options = {
-    "repository_url": "https://github.com/optax-gc/optax-gc",
+    "repository_url": REPOSITORY,
     "repository_branch": "main",
     "path_to_docs": "docs",
     "use_repository_button": True,

@@ -133,6 +133,11 @@ BASE = "https://optax-gc.readthedocs.io/en/latest/"
 REPO = "https://github.com/optax-gc/optax-gc"
 
 
+def test_the_repository_address_is_the_one_in_pyproject():
+    assert check_links.REPOSITORY == REPO
+    assert check_links.project_url(ROOT / "pyproject.toml", "Homepage") == REPO
+
+
 @pytest.fixture
 def checkout(tmp_path):
     """A checkout with pyproject.toml, two files, and a built site."""
@@ -232,6 +237,7 @@ def test_main_lists_every_broken_link(checkout, capsys, monkeypatch):
         f"[file]({REPO}/blob/main/benchmarks/README.md)\n"
         f"[missing]({REPO}/blob/main/nothing.py)\n"
         "[elsewhere](https://arxiv.org/abs/2004.01461)\n"
+        "[relative](docs/axes.md) ![figure](benchmarks/a.png) [here](#install)\n"
     )
     monkeypatch.chdir(checkout)
     assert check_links.main(["README.md", "docs/_build/html"]) == 1
@@ -239,7 +245,9 @@ def test_main_lists_every_broken_link(checkout, capsys, monkeypatch):
     assert f"{BASE}gone.html" in err
     assert f"{BASE}index.html#nope" in err
     assert f"{REPO}/blob/main/nothing.py" in err
-    assert len(err.strip().splitlines()) == 3
+    assert "docs/axes.md: a relative link" in err
+    assert "benchmarks/a.png: a relative link" in err
+    assert len(err.strip().splitlines()) == 5
 
     readme.write_text(f"[ok]({BASE}index.html#install)\n")
     assert check_links.main(["README.md", "docs/_build/html"]) == 0

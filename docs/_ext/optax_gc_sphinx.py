@@ -12,8 +12,6 @@
   :func:`type_aliases`.
 * Base classes defined in a private module and exported by the package are
   shown by their public name (``optax_gc.OptaxGCWarning``).
-* Recipes link to README sections; in the site those sections are pages of
-  their own (``readme_sections`` in ``conf.py``).
 """
 
 from __future__ import annotations
@@ -158,20 +156,6 @@ def _public_bases(app, name, obj, options, bases: list[Any]) -> None:
             bases[i] = f":py:class:`{PACKAGE}.{base.__name__}`"  # rst, kept as is
 
 
-def _readme_links(app, docname: str, source: list[str]) -> None:
-    """Points recipes' ``../../README.md#section`` links at the docs page."""
-    sections: dict[str, str] = app.config.readme_sections
-    depth = docname.count("/")
-    up = "../" * depth
-
-    def replace(match: re.Match) -> str:
-        page = sections.get(match.group(1))
-        return f"]({up}{page})" if page else match.group(0)
-
-    readme = re.escape(f"{up}../README.md")
-    source[0] = re.sub(rf"\]\({readme}#([\w-]+)\)", replace, source[0])
-
-
 def _alias_as_data(app, env, node, contnode):
     """Before Sphinx 7.4 an alias is ``py:data``; signatures refer to classes."""
     if node.get("refdomain") != "py" or node.get("reftype") != "class":
@@ -183,11 +167,9 @@ def _alias_as_data(app, env, node, contnode):
 
 
 def setup(app) -> dict[str, Any]:
-    app.add_config_value("readme_sections", {}, "env")
     app.add_directive("autotypealias", AutoTypeAlias)
     app.connect("autodoc-process-signature", _fix_signature)
     app.connect("autodoc-process-bases", _public_bases)
-    app.connect("source-read", _readme_links)
     if sphinx.version_info < (7, 4):
         app.connect("missing-reference", _alias_as_data)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
