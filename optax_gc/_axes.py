@@ -189,6 +189,10 @@ class AxesRule:
         del path, leaf
         return False
 
+    def may_use_library_default(self) -> bool:
+        """Whether :meth:`library_default_decides` can be true for any leaf."""
+        return False
+
     def __call__(self, path: Any, leaf: Any = _MISSING, *rest: Any) -> Any:
         if leaf is _MISSING or rest:
             raise ValueError(
@@ -442,7 +446,9 @@ def check_conv_only(conv_only: Any, where: str) -> None:
 
 
 class LeafRule:
-    """The validated options of a transform: ``rule(path, leaf) -> LeafDecision``.
+    """The validated options of a transform (checked at construction).
+
+    Called as ``rule(path, leaf) -> LeafDecision``.
 
     The leaf rules of DESIGN: ndim below 2 (below 4 with ``conv_only``),
     non-floating dtypes and zero-size leaves are untouched, as are leaves
@@ -492,11 +498,6 @@ class LeafRule:
         return LeafDecision(axes, reason)
 
 
-def make_leaf_rule(output_axes: OutputAxes, conv_only: bool, where: str) -> LeafRule:
-    """Validates the options (at construction); see :class:`LeafRule`."""
-    return LeafRule(output_axes, conv_only, where)
-
-
 def map_leaves(
     fn: Callable[..., Any], rule: LeafRule, tree: Any, *rest: Any, seen: Any = None
 ) -> Any:
@@ -524,6 +525,8 @@ def map_leaves(
     out = jax.tree_util.tree_map_with_path(visit, tree, *rest)
     if isinstance(spec, AxesRule):
         spec.check_tree(paths, rule.where)
-    if rule.is_default or getattr(spec, "default", None) is DEFAULT_OUTPUT_AXES:
+    if rule.is_default or (
+        isinstance(spec, AxesRule) and spec.may_use_library_default()
+    ):
         check_default_layout(seen, rule)
     return out

@@ -12,10 +12,10 @@ import optax
 
 from optax_gc._axes import (
     DEFAULT_OUTPUT_AXES,
+    LeafRule,
     OutputAxes,
     dtype_name,
     fan_in_size,
-    make_leaf_rule,
     map_leaves,
     path_str,
 )
@@ -93,7 +93,7 @@ def gc_fraction(
       Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_, ECCV 2020.
     """
     where = "gc_fraction"
-    rule = make_leaf_rule(output_axes, conv_only, where)
+    rule = LeafRule(output_axes, conv_only, where)
 
     def fraction(path, g):
         axes = rule(path, g).axes
@@ -260,7 +260,7 @@ def explain(
       Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_, ECCV 2020.
     """
     where = "explain"
-    rule = make_leaf_rule(output_axes, conv_only, where)
+    rule = LeafRule(output_axes, conv_only, where)
     rows: list[LeafReport] = []
 
     def report(path, leaf):

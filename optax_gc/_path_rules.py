@@ -34,6 +34,9 @@ class PathRules(AxesRule):
                 return axes, f"path_rules {regex.pattern!r}"
         return self.default, "path_rules default"
 
+    def may_use_library_default(self) -> bool:
+        return self.default is DEFAULT_OUTPUT_AXES
+
     def library_default_decides(self, path: Any, leaf: Any) -> bool:
         if self.default is not DEFAULT_OUTPUT_AXES:
             return False

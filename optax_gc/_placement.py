@@ -9,7 +9,7 @@ from typing import Any, Literal, TypeAlias, get_args
 import jax
 import optax
 
-from optax_gc._axes import DEFAULT_OUTPUT_AXES, OutputAxes, make_leaf_rule
+from optax_gc._axes import DEFAULT_OUTPUT_AXES, LeafRule, OutputAxes
 from optax_gc._recompute import centralized_update
 from optax_gc._transform import centralize_tree, check_partition_specs
 from optax_gc._warnings import ScheduleFreeWarning
@@ -209,7 +209,7 @@ def place_gc(
         raise ValueError(
             f"{where}: location must be one of {LOCATIONS}, got {location!r}."
         )
-    rule = make_leaf_rule(output_axes, conv_only, where)
+    rule = LeafRule(output_axes, conv_only, where)
     check_partition_specs(partition_specs, where)
     inner = _with_extra_args(tx)
     before = location == "gradient"

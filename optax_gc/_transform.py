@@ -19,7 +19,6 @@ from optax_gc._axes import (
     fan_in_axes,
     fan_in_size,
     leaf_where,
-    make_leaf_rule,
     map_leaves,
     normalize_axes,
 )
@@ -210,7 +209,7 @@ def centralize(
       Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_, ECCV 2020.
     """
     where = "centralize"
-    rule = make_leaf_rule(output_axes, conv_only, where)
+    rule = LeafRule(output_axes, conv_only, where)
     check_partition_specs(partition_specs, where)
 
     def init_fn(params):

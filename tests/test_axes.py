@@ -75,12 +75,12 @@ DECISIONS = [
 @pytest.mark.parametrize(("leaf", "options", "axes", "reason"), DECISIONS)
 def test_leaf_decisions_and_reasons(leaf, options, axes, reason):
     options = {"output_axes": (-1,), "conv_only": False, **options}
-    rule = _axes.make_leaf_rule(options["output_axes"], options["conv_only"], "t")
+    rule = _axes.LeafRule(options["output_axes"], options["conv_only"], "t")
     assert rule((), leaf) == _axes.LeafDecision(axes, reason)
 
 
 def test_global_shape_decides_fan_in_one():
-    rule = _axes.make_leaf_rule((-1,), False, "t")
+    rule = _axes.LeafRule((-1,), False, "t")
     shard = jnp.ones((1, 4))  # one row of a (4, 4) kernel sharded 4 ways
     assert rule((), shard).axes is None
     assert rule((), shard, shape=(4, 4)).axes == (1,)
