@@ -37,6 +37,14 @@ import jax
 import numpy as np
 
 from optax_gc._axes import AxesRule, path_str
+from optax_gc._jaxpr import (
+    CROSS_DEVICE_ENTRYWISE,
+    ENTRYWISE,
+    LOOPS,
+    PLACEMENT,
+    call_body,
+    is_literal,
+)
 from optax_gc._warnings import InferenceWarning
 
 _Axes = tuple[frozenset, ...]
@@ -99,15 +107,17 @@ DATA = _Data()
 ONEHOT = _Data(onehot=True)
 
 
-_ONEHOT_KEEPS = frozenset(
-    "convert_element_type broadcast_in_dim reshape transpose squeeze copy copy_p "
-    "sharding_constraint".split()
+_ONEHOT_KEEPS = (
+    frozenset(
+        "convert_element_type broadcast_in_dim reshape transpose squeeze copy".split()
+    )
+    | PLACEMENT
 )
 """Primitives after which a one-hot indicator is still one."""
 
 _LINEAR = frozenset(
     """add sub add_any neg convert_element_type reshape transpose
-    broadcast_in_dim squeeze slice pad concatenate rev reduce_sum copy copy_p
+    broadcast_in_dim squeeze slice pad concatenate rev reduce_sum copy
     cumsum dynamic_slice dynamic_update_slice gather split stack tile
     sharding_constraint
     reduce_precision psum real imag conj pvary mesh_cast reshard""".split()
@@ -186,36 +196,12 @@ def _reshape_groups(old: Sequence[int], new: Sequence[int]) -> list[list[int]] |
     return groups
 
 
-_ELEMENTWISE = frozenset(
-    """abs acos acosh add add_any and asin asinh atan atan2 atanh bessel_i0e
-    bessel_i1e cbrt ceil clamp clz complex conj convert_element_type copy copy_p
-    cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt igamma
-    igammac imag integer_pow is_finite le lgamma log log1p logistic lt max min mul
-    ne neg nextafter not or polygamma population_count pow real reduce_precision
-    rem round rsqrt select_n shift_left shift_right_arithmetic
-    shift_right_logical sign sin sinh sqrt square stop_gradient sub tan tanh xor
-    zeta sharding_constraint pvary mesh_cast reshard psum pmax pmin ppermute
-    pbroadcast psum_invariant""".split()
-)
-"""Primitives that act entry by entry (or across devices, entry by entry)."""
+_ELEMENTWISE = ENTRYWISE | CROSS_DEVICE_ENTRYWISE
+"""Entry-by-entry primitives, collectives included: across devices the same
+entry is combined, and the analysis sees one device's axes."""
 
 _IGNORED = frozenset({"debug_callback", "debug_print"})
 """Primitives with no effect on the computation's values."""
-
-_CALL_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
-_LOOPS = frozenset({"scan", "while", "cond"})
-
-
-def _sub_jaxpr(eqn: Any) -> Any:
-    """The sub-jaxpr of a call-like primitive (jit, remat, custom_jvp, ...)."""
-    if eqn.primitive.name in _LOOPS:
-        return None
-    for name in _CALL_PARAMS:
-        sub = eqn.params.get(name)
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns") and len(inner.invars) == len(eqn.invars):
-            return sub
-    return None
 
 
 def _describe(axes: frozenset) -> str:
@@ -308,7 +294,7 @@ class _Interpreter:
         env.update(zip(jaxpr.invars, inputs, strict=True))
 
         def read(v: Any) -> Any:
-            return CONST if hasattr(v, "val") else env[v]
+            return CONST if is_literal(v) else env[v]
 
         for eqn in jaxpr.eqns:
             ins = [read(v) for v in eqn.invars]
@@ -337,7 +323,7 @@ class _Interpreter:
             return [ONEHOT]
         if name == "cond":  # a one-hot built in a branch stays one
             return self.p_cond(eqn, ins)
-        sub = _sub_jaxpr(eqn)  # e.g. jax.nn.one_hot is a jitted function
+        sub = call_body(eqn)  # e.g. jax.nn.one_hot is a jitted function
         if sub is not None:
             return self.run(sub, ins)
         if plain:
@@ -348,7 +334,7 @@ class _Interpreter:
             and len(data) == 1
             and (name != "div" or ins[0] is data[0])
         )
-        if not linear or name in _LOOPS:
+        if not linear or name in LOOPS:
             return [_Data(_EMPTY, ancestors)] * n_out
         if name in _SUMS and len(data) == 2:
             self.check_sum(data[0], data[1])
@@ -393,9 +379,9 @@ class _Interpreter:
                 for x, v in zip(ins, eqn.invars, strict=True)
             ]
             return [self.elementwise(name, ins, len(out))]
-        if name in ("optimization_barrier", "device_put"):
+        if name in PLACEMENT:
             return list(ins)
-        sub = _sub_jaxpr(eqn)
+        sub = call_body(eqn)
         if sub is not None:
             return self.run(sub, ins)
         return self.unsupported(eqn, ins)

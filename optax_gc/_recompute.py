@@ -27,48 +27,19 @@ from jax import lax
 
 from optax_gc._axes import LeafRule, fan_in_axes, map_leaves
 from optax_gc._blocked import MIN_BLOCKED_ELEMENTS, blocked_fan_in_sums, on_cpu
+from optax_gc._jaxpr import ENTRYWISE, evaluate, is_literal, read
 from optax_gc._transform import centralize_tree, centring_dtype
 
-ENTRYWISE = frozenset(
-    """abs acos acosh add asin asinh atan atan2 atanh cbrt ceil clamp conj
-    convert_element_type copy copy_p cos cosh div eq erf erf_inv erfc exp exp2
-    expm1 floor ge gt imag integer_pow is_finite le lgamma log log1p logistic lt
-    max min mul ne neg nextafter not or pow real reduce_precision rem round
-    rsqrt select_n sign sin sinh sqrt square sub tan tanh xor""".split()
-)
-"""Primitives that act entry by entry and carry no shape in their parameters."""
-
-
-def _is_literal(v: Any) -> bool:
-    return type(v).__name__ == "Literal"
+RECOMPUTABLE: frozenset[str] = ENTRYWISE
+"""What a recomputed computation may hold besides scalar broadcasts: every
+entry-by-entry primitive. Not the collectives
+(:data:`~optax_gc._jaxpr.CROSS_DEVICE_ENTRYWISE`: run per block they would
+communicate once per block) nor the placement primitives
+(:data:`~optax_gc._jaxpr.PLACEMENT`: their shardings describe the whole array)."""
 
 
 class _Job(int):
     """The index of a centred leaf in the list of jobs (a tree leaf)."""
-
-
-def _evaluate(closed: Any, args: list[Any]) -> dict[Any, Any]:
-    """Evaluates a closed jaxpr in the current trace; every variable's value."""
-    jaxpr = closed.jaxpr
-    env: dict[Any, Any] = dict(zip(jaxpr.constvars, closed.consts, strict=True))
-    env.update(zip(jaxpr.invars, args, strict=True))
-
-    def read(v):
-        return v.val if _is_literal(v) else env[v]
-
-    for eqn in jaxpr.eqns:
-        bind = eqn.primitive.get_bind_params(eqn.params)
-        # (subfuns, params) up to jax 0.4.x; params alone since.
-        subfuns, params = bind if isinstance(bind, tuple) else ((), bind)
-        ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
-        if ctx is None:
-            out = eqn.primitive.bind(*subfuns, *map(read, eqn.invars), **params)
-        else:
-            with ctx:
-                out = eqn.primitive.bind(*subfuns, *map(read, eqn.invars), **params)
-        outs = out if eqn.primitive.multiple_results else [out]
-        env.update(zip(eqn.outvars, outs, strict=True))
-    return env
 
 
 class _Cone:
@@ -81,14 +52,14 @@ class _Cone:
 
     def __init__(self, jaxpr: Any, out: Any, producers: dict[Any, Any]):
         shape = tuple(out.aval.shape)
-        outputs = {v for v in jaxpr.outvars if not _is_literal(v)}
+        outputs = {v for v in jaxpr.outvars if not is_literal(v)}
         self.inputs: list[Any] = []
         picked: set[int] = set()
         seen: set[Any] = set()
         stack = [out]
         while stack:
             v = stack.pop()
-            if _is_literal(v) or v in seen or tuple(v.aval.shape) == ():
+            if is_literal(v) or v in seen or tuple(v.aval.shape) == ():
                 continue
             seen.add(v)
             eqn = producers.get(v)
@@ -111,7 +82,7 @@ class _Cone:
             return tuple(eqn.invars[0].aval.shape) == () and not eqn.params.get(
                 "sharding"
             )
-        if name not in ENTRYWISE or eqn.primitive.multiple_results:
+        if name not in RECOMPUTABLE or eqn.primitive.multiple_results:
             return False
         if name == "convert_element_type" and eqn.params.get("sharding"):
             return False
@@ -123,16 +94,14 @@ class _Cone:
         local = dict(zip(self.inputs, blocks, strict=True))
         block_shape = tuple(blocks[0].shape) if blocks else ()
 
-        def read(v):
-            if _is_literal(v):
-                return v.val
-            return local[v] if v in local else env[v]
+        def value(v):
+            return read(local, v) if is_literal(v) or v in local else read(env, v)
 
         for eqn in self.eqns:
             if eqn.primitive.name == "broadcast_in_dim":
-                out = lax.broadcast_in_dim(read(eqn.invars[0]), block_shape, ())
+                out = lax.broadcast_in_dim(value(eqn.invars[0]), block_shape, ())
             else:
-                out = eqn.primitive.bind(*map(read, eqn.invars), **eqn.params)
+                out = eqn.primitive.bind(*map(value, eqn.invars), **eqn.params)
             local[eqn.outvars[0]] = out
         return local[self.out]
 
@@ -155,8 +124,8 @@ def centralized_update(
     except TypeError:  # an argument JAX cannot trace (a string, a callable)
         return plain()
     jaxpr = closed.jaxpr
-    env = _evaluate(closed, jax.tree.leaves(args))
-    flat = [v.val if _is_literal(v) else env[v] for v in jaxpr.outvars]
+    env = evaluate(closed, jax.tree.leaves(args))
+    flat = [read(env, v) for v in jaxpr.outvars]
     updates, state = jax.tree.unflatten(jax.tree.structure(shapes), flat)
     out_vars = jax.tree.unflatten(
         jax.tree.structure(updates), jaxpr.outvars[: len(jax.tree.leaves(updates))]
@@ -170,7 +139,7 @@ def centralized_update(
         if axes is None:
             return u
         cone = None
-        if u.size >= MIN_BLOCKED_ELEMENTS and not _is_literal(var):
+        if u.size >= MIN_BLOCKED_ELEMENTS and not is_literal(var):
             cone = _Cone(jaxpr, var, producers)
             cone = cone if cone.inputs else None  # a constant: nothing to read
         jobs.append((cone, axes, u))
