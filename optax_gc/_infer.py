@@ -976,6 +976,14 @@ def _decide(uses: dict[_Use, int], shape: tuple[int, ...]) -> tuple[Any, str]:
     return kept, reason
 
 
+def _stacked_of(uses: dict[_Use, int], axes: Any) -> tuple[int, ...]:
+    """The kept axes that stack layers or ensemble members (not output units)."""
+    if axes is None:
+        return ()
+    stacked = {a for u in uses if u.kind == "contract" for a, _ in u.stacked}
+    return tuple(a for a in axes if a in stacked)
+
+
 def _describe_use(ops: str, fan_in: frozenset) -> str:
     if ops == "conv":
         return f"conv: in-feature and spatial {_describe(fan_in)}"
@@ -998,6 +1006,10 @@ class InferredAxes(AxesRule):
         parameters it was inferred from, paths in the ``a/b/c`` form. Two
         leaves whose paths read the same and were decided differently are
         ``(None, "ambiguous path")`` here, and raise when the rule meets them.
+      stacked: ``{path: axes}`` for the leaves whose kept axes include axes
+        that stack layers or ensemble members (``nn.scan``, ``vmap``, a loop
+        over a stack) rather than index output units: those of the leaf's
+        output axes. Leaves without such axes are not listed.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -1015,8 +1027,10 @@ class InferredAxes(AxesRule):
         decisions: dict[str, tuple[Any, str]],
         shapes: dict,
         ambiguous: frozenset = frozenset(),
+        stacked: dict[str, tuple[int, ...]] | None = None,
     ):
         self.decisions = decisions
+        self.stacked = dict(stacked or {})
         self._shapes = shapes
         self._ambiguous = ambiguous
 
@@ -1209,6 +1223,7 @@ def infer_output_axes(
     interp.run(closed, inputs)
 
     decisions: dict[str, tuple[Any, str]] = {}
+    stacked: dict[str, tuple[int, ...]] = {}
     leaf_shapes: dict[str, Any] = {}
     ambiguous = set()
     position = {i: k for k, i in enumerate(traced)}
@@ -1216,16 +1231,19 @@ def infer_output_axes(
         if i in position:
             k = position[i]
             decision = _decide(interp.uses.get(k, {}), shapes[k])
+            stacked[name] = _stacked_of(interp.uses.get(k, {}), decision[0])
             shape = shapes[k]
         else:
             decision, shape = (None, "not an array"), None
         if name in decisions and decisions[name] != decision:
             ambiguous.add(name)
             decision = (None, "ambiguous path")
+            stacked[name] = ()
         decisions[name] = decision
         leaf_shapes[name] = shape
     _warn_if_unintended(decisions, leaf_shapes)
-    return InferredAxes(decisions, leaf_shapes, frozenset(ambiguous))
+    stacked = {n: a for n, a in stacked.items() if a and decisions[n][0] is not None}
+    return InferredAxes(decisions, leaf_shapes, frozenset(ambiguous), stacked)
 
 
 _CONSTANTS = "contracted with constants only"
