@@ -10,7 +10,7 @@ function, so every round wraps the model in a fresh function for both timings,
 and the two are interleaved round by round on this noisy machine. Parameters
 and inputs are ``jax.ShapeDtypeStruct`` (nothing is allocated or run). The
 decisions are static, so none of this is paid per training step
-(``tests/test_infer.py::test_decisions_are_static``).
+(``tests/infer/test_interpreter.py::test_decisions_are_static``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """infer_output_axes: the analysis rule by rule, its contract as a rule, errors.
 
 Whole models built from Flax, Equinox and Haiku layers are in
-``tests/integrations/test_infer_*.py``; raw-JAX models in
-``tests/test_infer_jax_models.py``.
+``tests/infer/test_<framework>.py``; raw-JAX models in
+``tests/infer/test_jax_models.py``.
 """
 
 import functools
@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import optax_gc
-from optax_gc import _infer
+from optax_gc._infer import _interpreter as _infer
 
 X = jax.ShapeDtypeStruct((5, 3), jnp.float32)
 
