@@ -62,6 +62,11 @@ def is_literal(atom: Any) -> bool:
     return isinstance(atom, jex.Literal)
 
 
+def shape_of(atom: Any) -> tuple[int, ...]:
+    """The shape of a jaxpr operand (``()`` for tokens and other non-arrays)."""
+    return tuple(getattr(atom.aval, "shape", ()))
+
+
 def jaxpr_of(jaxpr: Jaxpr | ClosedJaxpr) -> Jaxpr:
     """The open jaxpr of a closed one (or the jaxpr itself)."""
     return jaxpr.jaxpr if isinstance(jaxpr, jex.ClosedJaxpr) else jaxpr

@@ -14,7 +14,6 @@ import optax
 import pytest
 
 import optax_gc
-from optax_gc._infer import _interpreter as _infer
 
 X = jax.ShapeDtypeStruct((5, 3), jnp.float32)
 
@@ -30,25 +29,6 @@ def axes_of(rule):
 
 def why(rule, path):
     return rule.decisions[path][1]
-
-
-# -- reshapes ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "old, new, groups",
-    [
-        ((2, 3, 4), (6, 4), [[0, 1], [2]]),
-        ((6, 4), (2, 3, 4), [[0], [0], [1]]),
-        ((2, 3, 4), (2, 12), [[0], [1, 2]]),
-        ((1, 5, 4), (5, 4), [[1], [2]]),
-        ((5, 4), (5, 1, 4), [[0], [], [1]]),
-        ((4, 6), (2, 12), [[0, 1], [0, 1]]),  # axes straddle: one group
-        ((3, 0), (0,), None),
-    ],
-)
-def test_reshape_groups(old, new, groups):
-    assert _infer._reshape_groups(old, new) == groups
 
 
 # -- uses ---------------------------------------------------------------------------
@@ -716,3 +696,52 @@ def test_an_error_inside_fn_is_the_users_own():
 
     with pytest.raises(KeyError, match="no such layer"):
         optax_gc.infer_output_axes(broken, {"w": jnp.ones((2, 2))}, X)
+
+
+# -- the rule registry ----------------------------------------------------------------
+
+
+def _primitive_names() -> set[str]:
+    import sys
+
+    names = set()
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("jax"):
+            continue
+        for value in list(vars(module).values()):
+            if isinstance(value, jax.extend.core.Primitive):
+                names.add(value.name)
+    return names
+
+
+# Primitives of other supported jax versions (0.4.35 to the newest).
+_OTHER_VERSIONS = frozenset(
+    {"psum_scatter", "stack", "tile", "split", "reduce_scatter"}
+)
+
+
+def test_every_rule_names_a_primitive_and_no_table_shadows_one():
+    from optax_gc._infer import _interpreter
+
+    rules = set(_interpreter.RULES)
+    unknown = rules - _primitive_names() - _OTHER_VERSIONS
+    assert not unknown, f"rules for primitives this jax does not have: {unknown}"
+    assert not rules & (_interpreter.ELEMENTWISE | _interpreter.IGNORED)
+    assert not any(n.startswith("p_") for n in dir(_interpreter.Interpreter))
+
+
+def test_a_primitive_without_a_rule_leaves_the_leaf_alone_naming_it():
+    from jax.interpreters import mlir
+
+    twice = jax.extend.core.Primitive("twice_for_test")
+    twice.def_abstract_eval(lambda x: jax.core.ShapedArray(x.shape, x.dtype))
+    twice.def_impl(lambda x: 2 * x)
+    mlir.register_lowering(twice, mlir.lower_fun(lambda x: 2 * x, False))
+
+    def fn(p, x):
+        return x @ twice.bind(p["w"]) + x @ p["v"]
+
+    params = {"w": jnp.zeros((3, 4)), "v": jnp.zeros((3, 4))}
+    rule = optax_gc.infer_output_axes(fn, params, X)
+    assert rule.decisions["w"] == (None, "unsupported op: twice_for_test")
+    assert rule.decisions["v"][0] == (1,)
