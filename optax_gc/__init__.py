@@ -13,6 +13,7 @@ from optax_gc._axes import (
 )
 from optax_gc._diagnostics import Explanation, LeafReport, explain, gc_fraction
 from optax_gc._infer import InferredAxes, infer_output_axes
+from optax_gc._muon import muon_dimension_numbers
 from optax_gc._path_rules import PathRules, path_rules
 from optax_gc._placement import Location, with_gc
 from optax_gc._transform import centralize, centralize_array
@@ -50,6 +51,7 @@ __all__ = [
     "gc_fraction",
     "gc_sgd",
     "infer_output_axes",
+    "muon_dimension_numbers",
     "path_rules",
     "per_leaf",
     "with_gc",

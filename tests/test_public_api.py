@@ -23,7 +23,8 @@ def test_public_functions_are_documented_with_examples():
 PUBLIC = """AxesLike AxesTree Explanation InferenceWarning InferredAxes LayoutWarning
 LeafReport Location OptaxGCWarning OutputAxes OutputAxesFn PathRules PerLeaf
 ScheduleFreeWarning UnmatchedPatternWarning centralize centralize_array explain
-gc_adam gc_adamw gc_fraction gc_sgd infer_output_axes path_rules per_leaf with_gc"""
+gc_adam gc_adamw gc_fraction gc_sgd infer_output_axes muon_dimension_numbers
+path_rules per_leaf with_gc"""
 
 
 def test_every_warning_is_an_optax_gc_warning():
