@@ -18,8 +18,6 @@ from optax_gc._infer._policy import (
     CONSTANTS,
     NO_DATA,
     decide,
-    partners_of,
-    settle_partners,
     stacked_of,
 )
 from optax_gc._infer._values import DATA, Lineage, Weight
@@ -130,7 +128,8 @@ def infer_output_axes(
       produced (a bilinear layer ``einsum("bi,oij,bj->bo", x, W, z)``,
       soft-merged experts, a hypernetwork), the axes that second contraction
       sums are fan-in too; a product of two layers' outputs (attention's
-      ``q @ k.T``) keeps each layer's units, and a loss is not a layer (the
+      ``q @ k.T``), a contraction batched over the units (keys from a cache)
+      or with a one-hot keeps the units, and a loss is not a layer (the
       ``log_softmax`` or square in between is not linear).
     * ``conv_general_dilated`` (incl. transposed, grouped, depthwise, and
       ``vmap`` ensembles of them): the kernel's in-feature and spatial
@@ -159,11 +158,13 @@ def infer_output_axes(
     negative padding; a concatenation that puts every part back, as
     ``jnp.roll`` does, is whole), a size-1 axis broadcast across the units
     (a gain shared by every unit), an op the analysis does not understand, or
-    a parameter never used with data leave the leaf untouched. Leaves added
-    together before their use (a bias added to a value built from other
-    parameters) are decided together: when one is left alone, so are the
-    others. A use that reduces the whole leaf to a number (an L2 term when
-    ``fn`` is the loss) defines no units and decides nothing. Calls (``jit``,
+    a parameter never used with data leave the leaf untouched. Axes summed,
+    or contracted with other parameters, before the use are fan-in
+    (``x @ (U @ V)``: ``V``'s fan-in is the rank axis); a leaf added to such a
+    product (``b`` in ``probe @ w + b``) is its bias and is left alone. A use
+    that reduces the whole leaf to a number (an L2 term when ``fn`` is the
+    loss), or that meets data entry by entry after a reduction, defines no
+    units and decides nothing; nor does a use under ``stop_gradient``. Calls (``jit``,
     ``custom_jvp``, ``custom_vjp``, ``checkpoint``, ``shard_map``) and control
     flow (``scan``, ``while``, ``cond``) are followed into their bodies;
     reshapes, transposes, concatenations and splits of parameters
@@ -270,14 +271,11 @@ def infer_output_axes(
         for k, s in enumerate(shapes)
     ] + [DATA] * len(arg_traced)
     interp.run(closed, inputs)
+    names = {k: paths[i] for k, i in enumerate(traced)}
     by_leaf = {
-        k: decide(interp.uses.get(k, {}), shape) for k, shape in enumerate(shapes)
+        k: decide(interp.uses.get(k, {}), shape, names)
+        for k, shape in enumerate(shapes)
     }
-    settle_partners(
-        by_leaf,
-        {k: partners_of(interp.uses.get(k, {})) for k in range(len(shapes))},
-        {k: paths[i] for k, i in enumerate(traced)},
-    )
 
     decisions: dict[str, tuple[Any, str]] = {}
     stacked: dict[str, tuple[int, ...]] = {}

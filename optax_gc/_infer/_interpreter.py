@@ -167,6 +167,8 @@ class Interpreter:
                 lambda leaf, lineage: (
                     Use("scalar", what)
                     if self.is_whole_scalar(leaf, lineage)
+                    else Use("reduced", what, lineage.mixed & self.nontrivial[leaf])
+                    if lineage.mixed & self.nontrivial[leaf]
                     else Use("elementwise", what)
                 ),
             )
@@ -223,9 +225,9 @@ class Interpreter:
                     "conflict",
                     f"{describe(mixed)} mixed across its entries before {what}",
                 )
-            lost = nontrivial - fan - kept
-            if lost:
-                return Use("conflict", f"{describe(lost)} reduced before {what}")
+            # Axes summed (or contracted with other parameters) before the
+            # use feed every unit they reach: fan-in.
+            fan |= nontrivial - fan - kept
             part = lineage.partial & fan & nontrivial
             if part:
                 return Use("conflict", f"{describe(part)} only partly used by {what}")
@@ -239,6 +241,8 @@ class Interpreter:
             tokens.update((leaf, a, index, False) for a, index in stacked)
             batched = union(lineage.axes[d] for d in batch_dims) & nontrivial
             clean[leaf] = lineage
+            if lineage.added:
+                return Use("bias", what, partners=lineage.added)
             return Use(
                 "contract",
                 what,
@@ -246,7 +250,6 @@ class Interpreter:
                 stacked,
                 site=site,
                 batched=batched - fan,
-                partners=lineage.added,
             )
 
         self.record_each(value, make_use)
@@ -310,6 +313,9 @@ class Interpreter:
         n_out = len(eqn.outvars)
         if name in IGNORED:
             return [CONST] * n_out
+        if name == "stop_gradient":  # no gradient reaches the leaf through it
+            self.record_each(ins[0], lambda leaf, lineage: Use("stopped", name))
+            return [CONST] * n_out
         primitive_rule = RULES.get(name)
         if primitive_rule is not None:
             return primitive_rule(self, eqn, ins)
@@ -372,22 +378,34 @@ class Interpreter:
         return merge(ins, rank)
 
     def mark_added(self, ins: Sequence[Any]) -> list[Any]:
-        """Summed weight-derived values: each leaf learns the others'."""
+        """Summed weight-derived values: a leaf added to a product or a
+        reduction of parameters (``probe @ w``, ``A @ B``) learns their leaves:
+        it is a bias of that computation."""
         weights = [x for x in ins if isinstance(x, Weight)]
         if len(weights) < 2:
             return list(ins)
-        everyone = union(frozenset(w.lineages) for w in weights)
+        products = [w for w in weights if self.is_product(w)]
+        if not products:
+            return list(ins)
         out = []
         for x in ins:
             if isinstance(x, Weight):
+                others = union(frozenset(w.lineages) for w in products if w is not x)
                 x = self.structural(
                     x,
-                    lambda leaf, lineage, mine=frozenset(x.lineages): lineage._replace(
-                        added=lineage.added | (everyone - mine)
+                    lambda leaf, lineage, others=others: lineage._replace(
+                        added=lineage.added | (others - {leaf})
                     ),
                 )
             out.append(x)
         return out
+
+    def is_product(self, value: Weight) -> bool:
+        """Some leaf's entries were combined (contracted or reduced) in it."""
+        return any(
+            lineage.mixed & self.nontrivial[leaf]
+            for leaf, lineage in value.lineages.items()
+        )
 
     def unsupported(self, eqn: JaxprEqn, ins: Sequence[Any]) -> list[Any]:
         for x in ins:
@@ -532,11 +550,13 @@ class Interpreter:
         for carrier, other, contracted, batch, free, before in sides:
             if not (isinstance(carrier, Data) and carrier.footprints):
                 continue
-            if not isinstance(other, Data) or other.footprints:
-                continue
+            if not isinstance(other, Data) or other.footprints or other.onehot:
+                continue  # another layer's output, or a one-hot selection
             for fp in carrier.footprints:
                 if fp.leaf in other.depends:
                     continue
+                if union(fp.axes[d] for d in batch) & self.nontrivial[fp.leaf]:
+                    continue  # batched over the units: a per-unit readout
                 summed = union(fp.axes[d] for d in contracted)
                 rest = [d for d in range(len(fp.axes)) if d not in contracted]
                 remaining = union(fp.axes[d] for d in rest)

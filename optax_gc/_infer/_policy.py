@@ -17,18 +17,31 @@ Decision = tuple[Any, str]
 
 CONSTANTS = "contracted with constants only"
 NO_DATA = "not used with data"
+STOPPED = "used only under stop_gradient: no gradient reaches it"
 SCALAR = "only reduced to a number with none of its axes (an L2 term?): no units"
 
-_IGNORED_KINDS = frozenset({"constant", "summed", "scalar", "extend"})
+_IGNORED_KINDS = frozenset(
+    {"constant", "summed", "scalar", "reduced", "extend", "stopped"}
+)
 """Uses that decide nothing alone: constants, summed slices, whole-leaf
-reductions (an L2 term in a loss), and extensions of another use."""
+reductions (an L2 term in a loss), reductions that meet data entry by entry
+(``h0 @ w`` with a constant ``h0``, a norm of the weight scaling the
+output), extensions of another use, and values under ``stop_gradient``."""
 
 
-def decide(uses: Mapping[Use, int], shape: tuple[int, ...]) -> Decision:
-    """A leaf's output axes (or ``None``) and the reason, from its uses."""
+def decide(
+    uses: Mapping[Use, int],
+    shape: tuple[int, ...],
+    paths: Mapping[int, str] | None = None,
+) -> Decision:
+    """A leaf's output axes (or ``None``) and the reason, from its uses.
+
+    ``paths`` gives the other leaves' paths, for reasons that name them.
+    """
     by_kind: dict[str, list[Use]] = {}
     for use in uses:
         by_kind.setdefault(use.kind, []).append(use)
+    paths = paths or {}
     constant = "constant" in by_kind
     hint = (
         "; contracted with constants only (closed-over inputs? pass them as arguments)"
@@ -43,12 +56,28 @@ def decide(uses: Mapping[Use, int], shape: tuple[int, ...]) -> Decision:
             )
         if "scalar" in by_kind:
             return None, SCALAR
+        if "reduced" in by_kind:
+            what = sorted({u.what for u in by_kind["reduced"]})
+            axes = union(u.fan_in for u in by_kind["reduced"])
+            return None, (
+                f"elementwise only ({', '.join(what)}), after its entries along "
+                f"{describe(axes)} were combined: no units"
+            )
+        if "stopped" in by_kind:
+            return None, STOPPED
         return None, NO_DATA
     if "unsupported" in by_kind:
         names = sorted({u.what for u in by_kind["unsupported"]})
         return None, f"unsupported op: {', '.join(names)}"
     if "conflict" in by_kind:
         return None, sorted(u.what for u in by_kind["conflict"])[0]
+    if "bias" in by_kind:
+        others = sorted(union(u.partners for u in by_kind["bias"]))
+        named = ", ".join(f'"{paths.get(o, o)}"' for o in others)
+        return None, (
+            f"added to a value built from other parameters ({named}) before its "
+            "use: a bias of that computation"
+        )
     contracts = _extended(by_kind.get("contract", []), by_kind.get("extend", []))
     if "lookup" in by_kind:
         if contracts:
@@ -113,39 +142,6 @@ def stacked_of(uses: Mapping[Use, int], axes: Any) -> tuple[int, ...]:
     stacked = {a for u in contracts for a, _ in u.stacked}
     stacked |= set().union(*(u.batched for u in contracts)) if contracts else set()
     return tuple(a for a in axes if a in stacked)
-
-
-def partners_of(uses: Mapping[Use, int]) -> frozenset:
-    """The leaves added to this one before it was contracted."""
-    return union(u.partners for u in uses if u.kind == "contract")
-
-
-def settle_partners(
-    decisions: dict[int, Decision], partners: Mapping[int, frozenset], names: Mapping
-) -> None:
-    """Leaves added together before their use are decided together.
-
-    A bias added to a value built from other parameters (``q = probe @ w +
-    b``, then ``q`` contracted with data) is not centred when the value it
-    joins is left alone: a leaf with axes whose partner has none is left alone
-    too, naming it. Repeated until nothing changes.
-    """
-    changed = True
-    while changed:
-        changed = False
-        for leaf, others in partners.items():
-            axes, _ = decisions.get(leaf, (None, ""))
-            if axes is None:
-                continue
-            alone = sorted(o for o in others if decisions.get(o, (None, ""))[0] is None)
-            if alone:
-                named = ", ".join(f'"{names.get(o, o)}"' for o in alone)
-                verb = "is" if len(alone) == 1 else "are"
-                decisions[leaf] = (
-                    None,
-                    f"added to {named} before its use, which {verb} left alone",
-                )
-                changed = True
 
 
 def _describe_use(ops: str, fan_in: frozenset) -> str:

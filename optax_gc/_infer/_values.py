@@ -46,7 +46,8 @@ class Lineage(NamedTuple):
     """Size-1 parameter axes copied along a longer value axis (a gain shared
     by every unit of that axis)."""
     added: frozenset = EMPTY
-    """Other leaves this one was added to before its use."""
+    """The leaves of a product or reduction of parameters this one was added
+    to before its use (``probe @ w + b``: ``b`` is a bias of it)."""
 
 
 class Weight:
@@ -146,7 +147,10 @@ class Use(NamedTuple):
     ``fan_in`` too), ``"lookup"``, ``"elementwise"``, ``"unsupported"``,
     ``"conflict"`` (the use cannot define units: ``what`` says why),
     ``"constant"`` (contracted with a constant), ``"scalar"`` (the whole leaf
-    reduced to one number, e.g. an L2 term), ``"summed"`` (outputs of slices
+    reduced to one number, e.g. an L2 term), ``"reduced"`` (met data entry by
+    entry after its axes ``fan_in`` were reduced), ``"bias"`` (added to a
+    value built from the leaves ``partners`` before a contraction),
+    ``"stopped"`` (under ``stop_gradient``), ``"summed"`` (outputs of slices
     along ``summed`` added into the same units).
     """
 
@@ -161,7 +165,7 @@ class Use(NamedTuple):
     batched: frozenset = EMPTY
     """Axes kept as batch dimensions of the contraction (``vmap``)."""
     partners: frozenset = EMPTY
-    """Leaves added to this one before the contraction."""
+    """``"bias"``: the leaves of the value this one was added to."""
 
 
 def describe(axes: frozenset) -> str:

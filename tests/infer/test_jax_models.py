@@ -292,10 +292,10 @@ CASES = {
         },
         (_spec(2, 3),),
         # None is no leaf; the step scalar has no axis to keep or average;
-        # stop_gradient changes no layout: frozen is an (in, out) kernel
-        # (its gradient is zero, so GC leaves it zero).
-        {"w": (1,), "step": None, "frozen": (1,)},
-        {"w": _LIN0, "frozen": _LIN0},
+        # frozen is used under stop_gradient only: its gradient is zero, and
+        # nothing of it reaches a use.
+        {"w": (1,), "step": None, "frozen": None},
+        {"w": _LIN0, "frozen": "used only under stop_gradient: no gradient reaches it"},
     ),
     "qr": Case(
         _qr,

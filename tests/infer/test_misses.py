@@ -195,11 +195,86 @@ def test_a_bias_added_to_a_parameter_only_value_is_never_centred():
         "b": jnp.zeros((2, 4)),
     }
     decisions = infer(fn, params, spec(5, 2, 4))
-    assert decisions["w"][0] is None
+    # out[n, h] = sum_k (sum_d probe[d] w[d, h, k] + b[h, k]) x[n, h, k]:
+    # w's unit h has fan-in (d, k); probe feeds every unit; b is the bias of
+    # the query built from probe and w.
+    assert decisions["w"][0] == (1,)
+    assert decisions["probe"][0] is None
     assert decisions["b"] == (
         None,
-        'added to "probe", "w" before its use, which are left alone',
+        'added to a value built from other parameters ("probe", "w") before '
+        "its use: a bias of that computation",
     )
+
+
+def test_low_rank_factors_and_a_summed_stack():
+    # y = x @ (U @ V): U feeds every unit through the rank axis (no units);
+    # V's unit o has fan-in r. y = x @ W.sum(0): W's unit o has fan-in (k, i).
+    def fn(p, x):
+        return x @ (p["u"] @ p["v"]) + x @ p["w"].sum(0)
+
+    params = {"u": jnp.zeros((3, 2)), "v": jnp.zeros((2, 4)), "w": jnp.zeros((5, 3, 4))}
+    decisions = infer(fn, params, X)
+    assert {k: a for k, (a, _) in decisions.items()} == {
+        "u": None,
+        "v": (1,),
+        "w": (2,),
+    }
+
+
+def test_a_constant_initial_state_does_not_disagree_with_the_recurrence():
+    # An unrolled RNN from h0 = 0: h0 @ wh meets data entry by entry, but
+    # every later step contracts wh's axis 0 with data.
+    def fn(p, xs):
+        h = jnp.zeros((5, 4))
+        for t in range(xs.shape[0]):
+            h = jnp.tanh(xs[t] @ p["wx"] + h @ p["wh"])
+        return h
+
+    params = {"wx": jnp.zeros((3, 4)), "wh": jnp.zeros((4, 4))}
+    assert axes(fn, params, spec(6, 5, 3)) == {"wx": (1,), "wh": (1,)}
+
+
+@pytest.mark.parametrize(
+    "quantize",
+    [
+        lambda w: (
+            w
+            + jax.lax.stop_gradient(
+                jnp.round(w / jnp.abs(w).max()) * jnp.abs(w).max() - w
+            )
+        ),
+        lambda w: w / jax.lax.stop_gradient(jnp.linalg.norm(w)),
+    ],
+)
+def test_statistics_under_stop_gradient_mix_nothing(quantize):
+    # A straight-through quantizer, a norm under stop_gradient: the gradient
+    # reaches w per unit, as for x @ w.
+    decisions = infer(lambda p, x: x @ quantize(p["w"]), {"w": jnp.zeros((3, 4))}, X)
+    assert decisions["w"][0] == (1,), decisions["w"]
+
+
+def test_a_readout_batched_over_the_units_keeps_them():
+    # Decoding against a cache of keys passed in as data: per head, q's head
+    # dimension is summed against the cache, as in self-attention, where q
+    # keeps (H, D).
+    def fn(p, x, cache):
+        q = jnp.einsum("btd,dhk->bthk", x, p["wq"])
+        return jnp.einsum("bthk,bshk->bhts", q, cache)
+
+    got = axes(fn, {"wq": jnp.zeros((3, 2, 4))}, spec(2, 5, 3), spec(2, 7, 2, 4))
+    assert got == {"wq": (1, 2)}
+
+
+def test_a_one_hot_readout_is_a_selection():
+    # The Q-value of the action taken, for an ensemble of heads: the one-hot
+    # picks one entry; each head's action units stay units.
+    def fn(p, x, actions):
+        q = jnp.einsum("bi,eia->eba", x, p["w"])
+        return jnp.einsum("eba,ba->eb", q, jax.nn.one_hot(actions, 4))
+
+    got = axes(fn, {"w": jnp.zeros((2, 3, 4))}, X, IDS)
+    assert got == {"w": (0, 2)}
 
 
 def test_weights_added_together_decide_together():
@@ -383,3 +458,28 @@ def test_nested_loops_converge_without_a_product_of_iterations(depth):
     # A rotating 3-carry takes about 4 iterations per loop; without warm
     # starts the innermost body runs about 4**depth times.
     assert runs["n"] <= 12 * depth + 4, runs
+
+
+def test_merged_lora_and_weight_norm_on_the_output():
+    # x @ (W + A @ B): A feeds every unit through the rank axis (no units), B
+    # keeps its output units with fan-in r, and W is the bias of A @ B.
+    # (x @ v) * g / |v|: v's norm scales each unit's output: v keeps (1,).
+    def fn(p, x):
+        lora = x @ (p["w"] + p["a"] @ p["b"])
+        v = p["v"]
+        return lora + (x @ v) * p["g"] / jnp.linalg.norm(v, axis=0, keepdims=True)
+
+    params = {
+        "w": jnp.zeros((3, 4)),
+        "a": jnp.zeros((3, 2)),
+        "b": jnp.zeros((2, 4)),
+        "v": jnp.zeros((3, 4)),
+        "g": jnp.ones((1, 4)),
+    }
+    assert axes(fn, params, X) == {
+        "w": None,
+        "a": None,
+        "b": (1,),
+        "v": (1,),
+        "g": None,
+    }

@@ -1,7 +1,7 @@
 """Tests for the decision policy (``optax_gc._infer._policy``), on uses built
 by hand: what each combination of uses decides, and why."""
 
-from optax_gc._infer._policy import SCALAR, decide, settle_partners, stacked_of
+from optax_gc._infer._policy import SCALAR, decide, stacked_of
 from optax_gc._infer._values import Use
 
 F = frozenset
@@ -49,8 +49,20 @@ def test_stacked_and_batched_axes_are_not_units():
     assert stacked_of(uses, None) == ()
 
 
-def test_partners_are_settled_transitively():
-    decisions = {0: ((1,), "a"), 1: ((1,), "b"), 2: (None, "conflict")}
-    settle_partners(decisions, {0: F({1}), 1: F({2})}, {0: "x", 1: "y", 2: "z"})
-    assert decisions[1] == (None, 'added to "z" before its use, which is left alone')
-    assert decisions[0] == (None, 'added to "y" before its use, which is left alone')
+def test_a_bias_of_a_product_names_the_product_s_leaves():
+    uses = {Use("bias", "dot_general", partners=F({2, 0})): 1}
+    assert decide(uses, (2, 4), {0: "probe", 2: "w"}) == (
+        None,
+        'added to a value built from other parameters ("probe", "w") before its '
+        "use: a bias of that computation",
+    )
+
+
+def test_reductions_that_meet_data_decide_nothing():
+    uses = {contract({0}): 1, Use("reduced", "add", F({0})): 1}
+    assert decide(uses, (3, 4))[0] == (1,)
+    assert decide({Use("reduced", "add", F({0})): 1}, (3, 4)) == (
+        None,
+        "elementwise only (add), after its entries along axis 0 were combined: "
+        "no units",
+    )
