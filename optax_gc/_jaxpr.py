@@ -19,7 +19,6 @@ from typing import Any, TypeAlias
 
 from jax.extend import core as jex
 
-Var: TypeAlias = jex.Var
 Literal: TypeAlias = jex.Literal
 Jaxpr: TypeAlias = jex.Jaxpr
 ClosedJaxpr: TypeAlias = jex.ClosedJaxpr
@@ -79,8 +78,8 @@ def call_body(eqn: JaxprEqn) -> Jaxpr | ClosedJaxpr | None:
     ``checkpoint`` (``remat``), ``shard_map``, ``closed_call``: ``None`` for
     every other equation, control flow (:data:`LOOPS`) included.
     """
-    if eqn.primitive.name in LOOPS:
-        return None
+    if eqn.primitive.name in LOOPS or eqn.primitive.name == "xla_pmap":
+        return None  # xla_pmap's body drops the mapped axis (jax < 0.5)
     for name in _CALL_PARAMS:
         sub = eqn.params.get(name)
         inner = jaxpr_of(sub) if isinstance(sub, (jex.Jaxpr, jex.ClosedJaxpr)) else None
@@ -118,14 +117,14 @@ def bind(eqn: JaxprEqn, operands: Sequence[Any]) -> list[Any]:
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
-def evaluate(closed: ClosedJaxpr, args: Sequence[Any]) -> dict[Var, Any]:
+def evaluate(closed: ClosedJaxpr, args: Sequence[Any]) -> dict[Any, Any]:
     """Evaluates a closed jaxpr in the current trace: every variable's value.
 
     Unlike ``jax.core.eval_jaxpr``, which returns the outputs only, this keeps
     the value of every intermediate variable, for recomputing parts of it.
     """
     jaxpr = closed.jaxpr
-    env: dict[Var, Any] = dict(zip(jaxpr.constvars, closed.consts, strict=True))
+    env: dict[Any, Any] = dict(zip(jaxpr.constvars, closed.consts, strict=True))
     env.update(zip(jaxpr.invars, args, strict=True))
     for eqn in jaxpr.eqns:
         operands = [read(env, v) for v in eqn.invars]
@@ -133,6 +132,6 @@ def evaluate(closed: ClosedJaxpr, args: Sequence[Any]) -> dict[Var, Any]:
     return env
 
 
-def read(env: dict[Var, Any], atom: Any) -> Any:
+def read(env: dict[Any, Any], atom: Any) -> Any:
     """An operand's value: a literal's own, else the variable's in ``env``."""
     return atom.val if is_literal(atom) else env[atom]

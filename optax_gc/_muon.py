@@ -111,9 +111,12 @@ def muon_dimension_numbers(rule: InferredAxes, params: optax.Params) -> optax.Pa
     output_axes=rule), muon)``: the reduction axes are GC's fan-in, Muon's
     momentum is linear, and a Newton-Schulz step maps a matrix :math:`X` to
     :math:`X p(X^\top X)` for a polynomial :math:`p`, so when each output
-    unit's column sums to zero, it still does after. The update of a
-    centred gradient is centred and every output unit's mean weight stays
-    fixed (up to Muon's weight decay, added after the orthogonalization).
+    unit's column sums to zero, it still does after. For the leaves Muon
+    orthogonalizes, the update of a centred gradient is centred and every
+    output unit's mean weight stays fixed (up to Muon's weight decay, added
+    after the orthogonalization); leaves GC centres that go to the Adam
+    fallback (a ``Dense(1)`` head) get Adam's update of a centred gradient,
+    which is not centred.
     Whether that helps training has not been measured.
 
     Args:

@@ -17,13 +17,13 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from optax_gc._infer._values import (
     CONST,
     DATA,
     EMPTY,
-    ONEHOT,
     Const,
     Data,
     Footprint,
@@ -109,7 +109,13 @@ _CONST_FOLD_LIMIT = 1 << 16
 """Constants computed on demand (gather indices, one-hot tables) up to this
 many entries; bigger ones are unknown."""
 
-_MAX_ITERATIONS = 64
+_MAX_ITERATIONS = 256
+"""Iterations of a loop body before its analysis gives up on the loop (every
+leaf it reaches is then left alone)."""
+
+
+class _NoFixpoint(Exception):
+    """A loop's carry did not settle within ``_MAX_ITERATIONS``."""
 
 
 def _earlier(x: Any) -> Any:
@@ -141,6 +147,8 @@ class Interpreter:
         """The enclosing loops and calls of the equation being interpreted."""
         self.warm: dict[tuple[int, ...], list[Any]] = {}
         """Per loop (in its context), the carry it last reached."""
+        self.broadcasts: dict[Any, JaxprEqn] = {}
+        """The ``broadcast_in_dim`` equation that produced a variable."""
 
     # -- bookkeeping -----------------------------------------------------------
 
@@ -155,9 +163,15 @@ class Interpreter:
                 self.record(leaf, make_use(leaf, lineage))
 
     def is_whole_scalar(self, leaf: int, lineage: Lineage) -> bool:
-        """The whole leaf reduced to numbers with none of its axes (an L2 term)."""
+        """The whole leaf reduced to numbers with none of its axes (an L2
+        term): every axis combined, none sliced, picked or cut."""
         nontrivial = self.nontrivial[leaf]
-        return bool(nontrivial) and not (union(lineage.axes) & nontrivial)
+        return (
+            bool(nontrivial)
+            and not (union(lineage.axes) & nontrivial)
+            and nontrivial <= lineage.mixed
+            and not (lineage.stacked or lineage.picked or lineage.partial)
+        )
 
     def mix(self, values: Sequence[Any], what: str) -> None:
         """Weight-derived values meet data with no fan-in."""
@@ -183,9 +197,11 @@ class Interpreter:
         """A data output of operands ``ins``: ancestors and dependences kept."""
         datas = [x for x in ins if isinstance(x, Data)]
         ancestors = union(x.tokens | x.ancestors for x in datas)
-        depends = union(x.depends for x in datas) | union(
-            frozenset(x.lineages) for x in ins if isinstance(x, Weight)
-        )
+        depends = 0
+        for x in datas:
+            depends |= x.depends
+        for fp in footprints:
+            depends |= 1 << fp.leaf
         if not (tokens or ancestors or footprints or depends or onehot):
             return DATA
         return Data(tokens, ancestors, onehot, footprints, depends)
@@ -281,16 +297,20 @@ class Interpreter:
             else:
                 outs = self.constant_equation(eqn, ins)
             env.update(zip(eqn.outvars, outs, strict=True))
+            if eqn.primitive.name == "broadcast_in_dim":
+                self.broadcasts[eqn.outvars[0]] = eqn
         return [read(v) for v in open_jaxpr.outvars]
 
     def constant_equation(self, eqn: JaxprEqn, ins: list[Any]) -> list[Any]:
         """Constants in, constants out: computed only if someone asks."""
         n_out = len(eqn.outvars)
-        if eqn.primitive.name in LOOPS or call_body(eqn) is not None:
+        name = eqn.primitive.name
+        if name in LOOPS or call_body(eqn) is not None:
             return [CONST] * n_out
+        kind = _shape_kind(eqn, ins)
         size = max((math.prod(shape_of(v)) for v in eqn.outvars), default=0)
         if size > _CONST_FOLD_LIMIT or eqn.effects:
-            return [CONST] * n_out
+            return [Const(shape_kind=kind)] + [CONST] * (n_out - 1)
         results: list[list[Any]] = []
 
         def compute() -> list[Any]:
@@ -299,11 +319,15 @@ class Interpreter:
                 if any(v is None for v in values):
                     results.append([None] * n_out)
                 else:
-                    results.append([np.asarray(o) for o in bind(eqn, values)])
+                    # Concrete even under an enclosing jit (a rule built at
+                    # trace time): the operands are numpy constants.
+                    with jax.ensure_compile_time_eval():
+                        outs = bind(eqn, values)
+                    results.append([np.asarray(o) for o in outs])
             return results[0]
 
         def output(i: int) -> Const:
-            return Const(lambda: compute()[i])
+            return Const(lambda: compute()[i], kind if i == 0 else None)
 
         return [output(i) for i in range(n_out)]
 
@@ -426,11 +450,15 @@ class Interpreter:
             # ids == arange(n): the constant adds the class axis (ids == 0 does not)
             operand = eqn.invars[0] if isinstance(ins[0], Data) else eqn.invars[1]
             if math.prod(shape_of(eqn.outvars[0])) > math.prod(shape_of(operand)):
-                return [ONEHOT]
+                return [self.data_out(ins, onehot=True)]
         if isinstance(ins[0], Data) and ins[0].onehot and name in ONEHOT_KEEPS:
             return [ins[0]]
         if name == "mul" and any(x.onehot for x in datas):
-            return [self.data_out(ins, onehot=True)]  # scaled: one entry per row
+            onehot = [i for i, x in enumerate(ins) if isinstance(x, Data) and x.onehot]
+            others = [v for i, v in enumerate(eqn.invars) if i not in onehot]
+            classes = len(shape_of(eqn.outvars[0])) - 1
+            if all(self.constant_along(v, classes) for v in others):
+                return [self.data_out(ins, onehot=True)]  # scaled, or masked
         if name == "select_n" and self.is_indicator_select(ins):
             return [self.data_out(ins, onehot=True)]
         if name == "gather" and isinstance(ins[0], Const) and _is_onehot_table(ins[0]):
@@ -454,6 +482,19 @@ class Interpreter:
             self.check_sum(datas[0], datas[1])
         tokens = union(x.tokens for x in datas)
         return [self.data_out(ins, tokens, footprints)] * n_out
+
+    def constant_along(self, atom: Any, dim: int) -> bool:
+        """An operand whose entries do not change along ``dim``: a scalar, a
+        literal, or a broadcast along it (a mask of the rows of a one-hot)."""
+        if is_literal(atom) or shape_of(atom) == ():
+            return True
+        producer = self.broadcasts.get(atom)
+        if producer is None:
+            return shape_of(atom)[dim] == 1 if dim < len(shape_of(atom)) else True
+        dims = producer.params["broadcast_dimensions"]
+        if dim not in dims:
+            return True
+        return shape_of(producer.invars[0])[dims.index(dim)] == 1
 
     def is_indicator_select(self, ins: Sequence[Any]) -> bool:
         """``where(onehot, 1, 0)``: the cases are constants 0 (false) and nonzero."""
@@ -522,10 +563,12 @@ class Interpreter:
             others = [y for j, y in enumerate(ins) if j != i]
             if name in ("mul", "div") and any(isinstance(y, Weight) for y in others):
                 continue  # scaled by a weight: a product of two weights' terms
-            depends = union(_depends(y) for y in others)
+            depends = 0
+            for y in others:
+                depends |= _depends(y)
             rank = max(len(fp.axes) for fp in x.footprints)
             for fp in x.footprints:
-                if fp.leaf in depends:
+                if depends >> fp.leaf & 1:
                     continue
                 pad = rank - len(fp.axes)
                 out.add(fp._replace(axes=(EMPTY,) * pad + fp.axes))
@@ -550,17 +593,21 @@ class Interpreter:
         for carrier, other, contracted, batch, free, before in sides:
             if not (isinstance(carrier, Data) and carrier.footprints):
                 continue
-            if not isinstance(other, Data) or other.footprints or other.onehot:
-                continue  # another layer's output, or a one-hot selection
+            if not isinstance(other, Data) or other.onehot:
+                continue  # a one-hot selects: a readout
+            plain = not (other.depends or other.footprints)
             for fp in carrier.footprints:
-                if fp.leaf in other.depends:
-                    continue
                 if union(fp.axes[d] for d in batch) & self.nontrivial[fp.leaf]:
                     continue  # batched over the units: a per-unit readout
                 summed = union(fp.axes[d] for d in contracted)
+                nontrivial = self.nontrivial[fp.leaf]
+                # Against data from another use (attention weights, another
+                # layer's output), only what the first use kept as a batch
+                # dimension may still be summed (an einsum done in two steps).
+                if not plain and not (summed & nontrivial <= fp.batched):
+                    continue
                 rest = [d for d in range(len(fp.axes)) if d not in contracted]
                 remaining = union(fp.axes[d] for d in rest)
-                nontrivial = self.nontrivial[fp.leaf]
                 if summed & nontrivial:
                     both = summed & remaining & nontrivial
                     if both:
@@ -698,13 +745,16 @@ def _is_plain(x: Data) -> bool:
     return not (x.tokens or x.ancestors or x.onehot or x.footprints)
 
 
-def _depends(x: Any) -> frozenset:
-    """The leaves a value depends on."""
+def _depends(x: Any) -> int:
+    """The leaves a value is computed from, as a bitset (weights: their own)."""
     if isinstance(x, Data):
-        return x.depends | frozenset(fp.leaf for fp in x.footprints)
+        return x.depends
     if isinstance(x, Weight):
-        return frozenset(x.lineages)
-    return EMPTY
+        bits = 0
+        for leaf in x.lineages:
+            bits |= 1 << leaf
+        return bits
+    return 0
 
 
 def _small(value: Any) -> np.ndarray | None:
@@ -713,8 +763,29 @@ def _small(value: Any) -> np.ndarray | None:
     return np.asarray(value)
 
 
+def _shape_kind(eqn: JaxprEqn, ins: Sequence[Any]) -> Any:
+    """What is known of a constant's structure: an iota, or ``jnp.eye``."""
+    name = eqn.primitive.name
+    kinds = [x.shape_kind if isinstance(x, Const) else None for x in ins]
+    if name == "iota":
+        return ("iota", eqn.params["dimension"])
+    if name in ("add", "sub") and len(ins) == 2:
+        scalar = [shape_of(v) == () for v in eqn.invars]
+        for i in (0, 1):
+            if scalar[1 - i] and isinstance(kinds[i], tuple):
+                return kinds[i]  # an iota offset by a scalar
+    if name == "eq" and all(isinstance(k, tuple) for k in kinds):
+        if kinds[0] != kinds[1] and len(shape_of(eqn.outvars[0])) == 2:
+            return "onehot"
+    if name in ("convert_element_type", "copy") and kinds[0] == "onehot":
+        return "onehot"
+    return None
+
+
 def _is_onehot_table(table: Const) -> bool:
     """A constant whose last axis holds exactly one nonzero entry per row."""
+    if table.shape_kind == "onehot":
+        return True
     value = table.value()
     if value is None or value.ndim < 2:
         return False
@@ -928,7 +999,17 @@ def broadcast_rule(interp: Interpreter, eqn: JaxprEqn, ins: list[Any]) -> list[A
 )
 def reduce_rule(interp: Interpreter, eqn: JaxprEqn, ins: list[Any]) -> list[Any]:
     axes = eqn.params["axes"]
-    return [interp.structural(ins[0], lambda leaf, s: interp.drop(leaf, s, axes, None))]
+    # A sum (or product) reads every entry; a max, min or argmax one per unit.
+    selects = eqn.primitive.name not in ("reduce_sum", "reduce_prod")
+
+    def reduce(leaf: int, lineage: Lineage) -> Lineage:
+        gone = union(lineage.axes[d] for d in axes) & interp.nontrivial[leaf]
+        lineage = interp.drop(leaf, lineage, axes, None)
+        if selects:
+            lineage = lineage._replace(partial=lineage.partial | gone)
+        return lineage
+
+    return [interp.structural(ins[0], reduce)]
 
 
 @rule("pad")
@@ -964,9 +1045,13 @@ def concatenate_rule(interp: Interpreter, eqn: JaxprEqn, ins: list[Any]) -> list
     out = merge(parts, rank)
 
     def reassembled(leaf: int, lineage: Lineage) -> Lineage:
-        # Every part of a parameter axis put back (``jnp.roll``): used whole.
+        # Every part of a parameter axis put back along that axis
+        # (``jnp.roll``): used whole.
         shape = interp.shapes[leaf]
-        whole = {a for a in lineage.partial if _covered(lineage.pieces, a, shape[a])}
+        along = lineage.axes[dim]
+        whole = {
+            a for a in lineage.partial & along if _covered(lineage.pieces, a, shape[a])
+        }
         if not whole:
             return lineage
         return lineage._replace(
@@ -1076,14 +1161,22 @@ def gather_rule(interp: Interpreter, eqn: JaxprEqn, ins: list[Any]) -> list[Any]
         o for o in range(rank) if o not in dn.offset_dims and out_shape[o] != 1
     ]
     whole = positions and _gathers_every_entry(eqn, indices)
+    operand_shape = shape_of(eqn.invars[0])
+    cut = [
+        d
+        for d, n in enumerate(eqn.params["slice_sizes"])
+        if d not in collapsed + batching and n < operand_shape[d]
+    ]
 
     def gather(leaf: int, lineage: Lineage) -> Lineage:
+        nontrivial = interp.nontrivial[leaf]
+        part = union(lineage.axes[d] for d in cut) & nontrivial
+        lineage = lineage._replace(partial=lineage.partial | part)
         kept = [d for d in range(len(lineage.axes)) if d not in collapsed + batching]
         axes = [EMPTY] * rank
         for d, o in zip(kept, dn.offset_dims, strict=True):
             axes[o] = lineage.axes[d]
         gathered = union(lineage.axes[d] for d in collapsed)
-        nontrivial = interp.nontrivial[leaf]
         stacked = lineage.stacked | {
             (a, "gather") for d in batching for a in lineage.axes[d] & nontrivial
         }
@@ -1153,7 +1246,8 @@ def dot_general_rule(interp: Interpreter, eqn: JaxprEqn, ins: list[Any]) -> list
             tokens |= used
             for leaf, lineage in clean.items():
                 axes = output_axes(lineage, batch, free, before)
-                footprints.add(Footprint(leaf, site, axes))
+                batched = union(lineage.axes[d] for d in batch)
+                footprints.add(Footprint(leaf, site, axes, batched))
         return [interp.data_out(ins, tokens, frozenset(footprints))]
     # Two weight-derived values (or one and a constant): weight-derived; the
     # contracted axes are mixed away.
@@ -1225,9 +1319,12 @@ def fixpoint(
     try:
         for _ in range(_MAX_ITERATIONS):
             interp.uses = {}
-            fed = [_earlier(c) for c in carry]
+            fed = [CONST if isinstance(c, Const) else _earlier(c) for c in carry]
             out = step(fed)
-            new = [_earlier(join(c, o)) for c, o in zip(fed, out, strict=False)]
+            new = [
+                CONST if isinstance(j, Const) else _earlier(j)
+                for j in (join(c, o) for c, o in zip(fed, out, strict=False))
+            ]
             if new == fed:
                 for leaf, counts in interp.uses.items():
                     mine = outer.setdefault(leaf, {})
@@ -1236,13 +1333,18 @@ def fixpoint(
                 interp.warm[key] = fed
                 return fed, out
             carry = new
-        raise RuntimeError(  # pragma: no cover - the lattice has finite height
-            "infer_output_axes: the analysis of a loop did not converge; "
-            "please report this model."
-        )
+        raise _NoFixpoint
     finally:
         interp.uses = outer
         interp.context.pop()
+
+
+def _gave_up(interp: Interpreter, eqn: JaxprEqn, ins: list[Any]) -> list[Any]:
+    """A loop whose carry did not settle: every leaf it reads is left alone."""
+    what = f"{eqn.primitive.name} (its carry did not settle in {_MAX_ITERATIONS} runs)"
+    for x in ins:
+        interp.record_each(x, lambda leaf, lineage: Use("unsupported", what))
+    return [interp.data_out(ins)] * len(eqn.outvars)
 
 
 def _mix_carry(interp: Interpreter, inits, outs, fixed) -> None:
@@ -1267,12 +1369,15 @@ def scan_rule(interp: Interpreter, eqn: JaxprEqn, ins: list[Any]) -> list[Any]:
         interp.structural(x, lambda leaf, s: interp.drop(leaf, s, (0,), "scan"))
         for x in xs
     ]
-    xs = [_per_iteration(x) for x in xs]
+    xs = [_drop_footprints(x) for x in xs]  # their leading axis is gone
 
     def step(carry: list[Any]) -> list[Any]:
         return interp.run(p["jaxpr"], consts + carry + xs)
 
-    carry, outs = fixpoint(interp, eqn, step, list(init))
+    try:
+        carry, outs = fixpoint(interp, eqn, step, list(init))
+    except _NoFixpoint:
+        return _gave_up(interp, eqn, ins)
     _mix_carry(interp, init, outs[:n_carry], carry)
 
     def restack(leaf: int, lineage: Lineage) -> Lineage:
@@ -1282,11 +1387,6 @@ def scan_rule(interp: Interpreter, eqn: JaxprEqn, ins: list[Any]) -> list[Any]:
 
     ys = [interp.structural(y, restack) for y in outs[n_carry:]]
     return carry + [_drop_footprints(y) for y in ys]
-
-
-def _per_iteration(x: Any) -> Any:
-    """A scanned-over input: its leading axis is gone, so are its footprints."""
-    return _drop_footprints(x)
 
 
 def _drop_footprints(x: Any) -> Any:
@@ -1309,7 +1409,10 @@ def while_rule(interp: Interpreter, eqn: JaxprEqn, ins: list[Any]) -> list[Any]:
         interp.run(p["cond_jaxpr"], cond_consts + carry)
         return interp.run(p["body_jaxpr"], body_consts + carry)
 
-    carry, outs = fixpoint(interp, eqn, step, list(init))
+    try:
+        carry, outs = fixpoint(interp, eqn, step, list(init))
+    except _NoFixpoint:
+        return _gave_up(interp, eqn, ins)
     _mix_carry(interp, init, outs, carry)
     return carry
 
@@ -1325,6 +1428,8 @@ def cond_rule(interp: Interpreter, eqn: JaxprEqn, ins: list[Any]) -> list[Any]:
         joined = values[0]
         for v in values[1:]:
             joined = join(joined, v)
+        if isinstance(joined, Const) and not isinstance(index, Const):
+            joined = interp.data_out([index])  # which constant: data decides
         if isinstance(joined, Data):
             interp.mix(values, "cond")
         outs.append(joined)

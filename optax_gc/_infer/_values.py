@@ -12,7 +12,9 @@ Every jaxpr variable is one of:
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -67,16 +69,24 @@ class Weight:
 class Const:
     """A constant; ``value()`` computes it, or ``None`` when unknown or big.
 
-    All constants compare equal: what the analysis tracks of them is that
-    they are constants (loop carries reach a fixed point).
+    All constants compare equal: a loop carry that is a constant is fed to
+    the body as an unknown one (``CONST``), so its value never decides.
+    ``shape_kind`` says what is known of it without computing it:
+    ``("iota", dim)`` (``iota`` along ``dim``, maybe offset), or ``"onehot"``
+    (an identity-like table, ``eq`` of two iotas: ``jnp.eye``).
     """
 
-    __slots__ = ("_compute", "_value", "_done")
+    __slots__ = ("_compute", "_value", "_done", "shape_kind")
 
-    def __init__(self, compute: Callable[[], np.ndarray | None] | None = None):
+    def __init__(
+        self,
+        compute: Callable[[], np.ndarray | None] | None = None,
+        shape_kind: Any = None,
+    ):
         self._compute = compute
         self._value: np.ndarray | None = None
         self._done = compute is None
+        self.shape_kind = shape_kind
 
     def value(self) -> np.ndarray | None:
         if not self._done:
@@ -112,10 +122,16 @@ class Footprint(NamedTuple):
     leaf: int
     site: int
     axes: Axes
+    batched: frozenset = EMPTY
+    """The leaf's axes the use kept as batch dimensions (an einsum split in
+    two: a later contraction may still sum them)."""
 
 
 class Data(NamedTuple):
     """A data value.
+
+    ``depends`` is a bitset over leaf indices (bit ``k``: leaf ``k``), of the
+    leaves whose use (a contraction with data) this value is computed from.
 
     ``tokens``: ``(leaf, axis, index, earlier)`` for each use of a stack slice
     whose output this value is a linear function of: the slice is entry
@@ -124,15 +140,14 @@ class Data(NamedTuple):
     iteration of a loop. ``ancestors``: every such token upstream.
     ``onehot``: an indicator ``ids == arange(n)``, cast, scaled or reshaped.
     ``footprints``: the uses whose output this value is a linear function of,
-    with the leaf's axes each of its axes carries. ``depends``: every leaf
-    this value depends on, in any way.
+    with the leaf's axes each of its axes carries.
     """
 
     tokens: frozenset = EMPTY
     ancestors: frozenset = EMPTY
     onehot: bool = False
     footprints: frozenset = EMPTY
-    depends: frozenset = EMPTY
+    depends: int = 0
 
 
 DATA = Data()
@@ -226,14 +241,12 @@ def join(a: Any, b: Any) -> Any:
         return a
     if isinstance(a, Data) or isinstance(b, Data):
         datas = [x for x in (a, b) if isinstance(x, Data)]
-        weights = [x for x in (a, b) if isinstance(x, Weight)]
         return Data(
             union(x.tokens for x in datas),
             union(x.ancestors for x in datas),
             all(isinstance(x, Data) and x.onehot for x in (a, b)),
             union(x.footprints for x in datas),
-            union(x.depends for x in datas)
-            | union(frozenset(w.lineages) for w in weights),
+            functools.reduce(operator.or_, (x.depends for x in datas), 0),
         )
     rank = len(next(iter(a.lineages.values())).axes) if a.lineages else 0
     return merge([a, b], rank)

@@ -331,6 +331,7 @@ def test_a_single_output_unit_is_still_a_unit():
         lambda ids, t: (2.0 * jax.nn.one_hot(ids, 7)) @ t,
         lambda ids, t: jnp.take(jnp.eye(7), ids, axis=0) @ t,
         lambda ids, t: (ids[:, None] == jnp.arange(7)[None, :]).astype(jnp.float32) @ t,
+        lambda ids, t: (jax.nn.one_hot(ids, 7) * (ids > 0)[:, None]) @ t,  # masked
     ],
 )
 def test_one_hot_lookups_in_any_spelling(lookup):
@@ -483,3 +484,142 @@ def test_merged_lora_and_weight_norm_on_the_output():
         "v": (1,),
         "g": None,
     }
+
+
+# -- found by a cold review --------------------------------------------------------
+
+
+def test_a_layer_output_that_lost_its_footprint_is_not_plain_data():
+    # q scaled by a weight no longer carries wq's footprint, but it is still
+    # a layer's output: q @ k is attention, and wk keeps (H, D).
+    def fn(p, x):
+        q = jnp.einsum("btd,dhk->bthk", x, p["wq"]) * jax.nn.softplus(p["s"])
+        k = jnp.einsum("btd,dhk->bthk", x, p["wk"])
+        return jnp.einsum("bqhk,bshk->bhqs", q, k)
+
+    params = {
+        "wq": jnp.zeros((3, 2, 4)),
+        "wk": jnp.zeros((3, 2, 4)),
+        "s": jnp.zeros((1, 1, 1, 4)),
+    }
+    got = axes(fn, params, spec(2, 5, 3))
+    assert got["wq"] == got["wk"] == (1, 2)
+
+
+def test_constants_are_computed_under_an_enclosing_jit():
+    params = {"t": jnp.zeros((10, 4))}
+
+    @jax.jit
+    def inside(params, ids):
+        rule = optax_gc.infer_output_axes(
+            lambda p, i: jnp.eye(10)[i] @ p["t"], params, ids
+        )
+        assert rule.decisions["t"] == (None, "lookup")
+        return ids
+
+    with pytest.warns(optax_gc.InferenceWarning):
+        inside(params, jnp.zeros(5, jnp.int32))
+
+
+@CENTRES_NOTHING
+def test_a_large_identity_table_is_still_a_one_hot():
+    decision = infer(
+        lambda p, ids: jnp.eye(300)[ids] @ p["t"], {"t": jnp.zeros((300, 4))}, IDS
+    )
+    assert decision["t"] == (None, "lookup")
+
+
+@CENTRES_NOTHING
+def test_parts_put_back_along_another_axis_are_not_whole():
+    # Unit 0 reads w[0:2, 0] and unit 3 reads w[2:4, 0]: column 0 is split.
+    def fn(p, x):
+        w = p["w"]
+        return x[:, :2] @ jnp.concatenate([w[:2], w[2:]], axis=1)
+
+    decision = infer(fn, {"w": jnp.zeros((4, 3))}, spec(5, 4))["w"]
+    assert decision[0] is None and "partly used" in decision[1]
+
+
+@CENTRES_NOTHING
+def test_one_entry_of_a_weight_is_not_an_l2_term():
+    def fn(p, x):
+        return x @ p["w"] + x * p["w"][0, 0]
+
+    decision = infer(fn, {"w": jnp.zeros((3, 3))}, X)["w"]
+    assert decision[0] is None and decision[1].startswith("uses disagree")
+
+
+@CENTRES_NOTHING
+def test_a_gather_of_shorter_slices_is_partial():
+    def fn(p, x):
+        w = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(p["w"], s, 2))(
+            jnp.array([0, 0])
+        )
+        return jnp.einsum("bi,kio->bko", x[:, :2], w)
+
+    decision = infer(fn, {"w": jnp.zeros((4, 3))}, X)["w"]
+    assert decision[0] is None and "partly used" in decision[1]
+
+
+@CENTRES_NOTHING
+def test_constants_carried_by_a_loop_decide_nothing():
+    # idx is arange(4) going in, zeros after one iteration: rows 1..3 unused.
+    def fn(p, x):
+        def body(c):
+            return c[0] + 1, c[1] * 0
+
+        _, idx = jax.lax.while_loop(lambda c: c[0] < 3, body, (0, jnp.arange(4)))
+        return x[:, :4] @ p["w"][idx]
+
+    decision = infer(fn, {"w": jnp.zeros((4, 3))}, spec(5, 4))["w"]
+    assert decision[0] is None and "partly used" in decision[1]
+
+
+@CENTRES_NOTHING
+def test_a_constant_chosen_by_data_is_data():
+    def fn(p, x):
+        idx = jax.lax.cond(
+            x[0, 0] > 0, lambda: jnp.arange(4), lambda: jnp.zeros(4, jnp.int32)
+        )
+        return x[:, :4] @ p["w"][idx]
+
+    assert infer(fn, {"w": jnp.zeros((4, 3))}, spec(5, 4))["w"] == (None, "lookup")
+
+
+@CENTRES_NOTHING
+def test_a_max_over_an_axis_reads_one_entry_per_unit():
+    decision = infer(lambda p, x: x @ p["w"].max(0), {"w": jnp.zeros((5, 3, 4))}, X)[
+        "w"
+    ]
+    assert decision[0] is None and "partly used" in decision[1]
+
+
+def test_a_one_hot_times_data_is_not_a_one_hot():
+    # Hard routing: the one-hot mask times data is the experts' input.
+    def fn(p, x):
+        mask = jax.nn.one_hot(jnp.argmax(x @ p["r"], -1), 2)
+        routed = mask[:, :, None] * x[:, None, :]
+        return jnp.einsum("bed,edo->beo", routed, p["e"]).sum(1)
+
+    params = {"r": jnp.zeros((3, 2)), "e": jnp.zeros((2, 3, 4))}
+    assert axes(fn, params, X)["e"] == (0, 2)
+
+
+def test_a_loop_that_never_settles_leaves_its_leaves_alone():
+    # A shift register deeper than the analysis iterates: each step moves
+    # x @ w one slot down the carry.
+    depth = 300
+
+    def fn(p, x):
+        def body(c, _):
+            return (jnp.tanh(x @ p["w"]),) + c[:-1], None
+
+        init = tuple(jnp.zeros((5, 3)) for _ in range(depth))
+        c, _ = jax.lax.scan(body, init, None, length=2)
+        return c[-1] + x @ p["v"]
+
+    params = {"w": jnp.zeros((3, 3)), "v": jnp.zeros((3, 3))}
+    decisions = infer(fn, params, X)
+    assert decisions["w"][0] is None
+    assert "did not settle" in decisions["w"][1]
+    assert decisions["v"][0] == (1,)

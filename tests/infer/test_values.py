@@ -55,10 +55,10 @@ def test_a_constant_that_fails_to_compute_is_unknown():
     assert Const(broken).value() is None
 
 
-def test_join_of_data_and_weight_depends_on_the_weight():
+def test_join_keeps_data_and_its_dependences():
     w = Weight({3: Lineage((frozenset({0}),))})
-    joined = _values.join(DATA, w)
-    assert isinstance(joined, Data) and joined.depends == frozenset({3})
+    joined = _values.join(Data(depends=0b1010), w)
+    assert isinstance(joined, Data) and joined.depends == 0b1010
     assert _values.join(CONST, w) is w
     assert _values.join(w, CONST) is w
 
