@@ -703,6 +703,16 @@ class Interpreter:
 
         return self.structural(x, take_part)
 
+    def partly(self, x: Any, dims: Sequence[int]) -> Any:
+        """``x`` with the parameter axes along value axes ``dims`` only partly
+        kept (a slice, negative padding), and no concatenation span."""
+
+        def cut(leaf: int, lineage: Lineage) -> Lineage:
+            part = union(lineage.axes[d] for d in dims) & self.nontrivial[leaf]
+            return lineage._replace(span=None, partial=lineage.partial | part)
+
+        return self.structural(x, cut)
+
     def piece(
         self, leaf: int, cut: frozenset, lo: int, hi: int, size: int
     ) -> frozenset:
@@ -1017,12 +1027,7 @@ def pad_rule(interp: Interpreter, eqn: JaxprEqn, ins: list[Any]) -> list[Any]:
     config = eqn.params["padding_config"]
     out = interp.elementwise("pad", ins, len(shape_of(eqn.outvars[0])))
     cut = [d for d, (lo, hi, _) in enumerate(config) if lo < 0 or hi < 0]
-
-    def pad(leaf: int, lineage: Lineage) -> Lineage:
-        part = union(lineage.axes[d] for d in cut) & interp.nontrivial[leaf]
-        return lineage._replace(span=None, partial=lineage.partial | part)
-
-    return [interp.structural(out, pad)]
+    return [interp.partly(out, cut)]
 
 
 @rule("concatenate")
@@ -1134,12 +1139,7 @@ def dynamic_slice_rule(interp: Interpreter, eqn: JaxprEqn, ins: list[Any]) -> li
     # Sliced axes become stacked where they are dropped (squeeze, reshape).
     old = shape_of(eqn.invars[0])
     cut = [d for d, n in enumerate(eqn.params["slice_sizes"]) if n < old[d]]
-
-    def take(leaf: int, lineage: Lineage) -> Lineage:
-        part = union(lineage.axes[d] for d in cut) & interp.nontrivial[leaf]
-        return lineage._replace(span=None, partial=lineage.partial | part)
-
-    return [interp.structural(operand, take)]
+    return [interp.partly(operand, cut)]
 
 
 @rule("gather")
