@@ -115,11 +115,19 @@ def with_gc(
     The state is ``tx``'s own state, unchanged: a checkpoint of ``tx`` restores
     into ``with_gc(tx)`` and back.
 
-    Cost of ``location="update"`` under ``jit``: ``tx.update`` is traced once
-    to a jaxpr, and on CPU each centred leaf's fan-in sums are recomputed,
-    block by block, from the values its update is computed from entry by entry
-    (e.g. Adam's new moments), so the update is never stored in full; GPUs and
-    TPUs fuse the plain ``u - mean(u)`` themselves and keep it. The results
+    Cost of ``location="update"`` under ``jit``: for CPU, ``tx.update`` is
+    traced once to a jaxpr and each centred leaf's fan-in sums are
+    recomputed, block by block, from the values its update is computed from
+    entry by entry (e.g. Adam's new moments), so the update is never stored in
+    full. Leaves where that cannot save memory (small ones, Adafactor's
+    updates, an orthogonalized update) are summed whole. For GPUs and TPUs,
+    which fuse the plain ``u - mean(u)`` themselves, the step is traced as
+    ``optax.chain(tx, centralize())`` and nothing else. Which of the two a
+    computation is for is decided at trace time: the platform of the default
+    device (``jax.default_device``), else of the mesh in context, else
+    ``jax.default_backend()``. A computation run elsewhere (jitted on arrays
+    committed to another platform's devices, or exported for another platform)
+    gets the other formulation: the same values, at another cost. The results
     equal ``optax.chain(tx, centralize())`` to float rounding (the sums are
     added in another order); called eagerly, they are identical.
 

