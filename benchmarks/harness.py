@@ -9,6 +9,7 @@ apart: same initial parameters, same data order, same software.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -40,6 +41,53 @@ def interleaved(fns: dict, make_args, repeats: int, warmup: int = 3):
             jax.block_until_ready(fn(*args))
             samples[name].append(time.perf_counter() - t0)
     return {name: statistics.median(s) for name, s in samples.items()}, samples
+
+
+def interleaved_compile(fns: dict, repeats: int, warmup: int = 1):
+    """Median wall and process-CPU seconds of each ``fn()``, interleaved.
+
+    Each ``fn`` traces and compiles something fresh (a new function object:
+    jax caches on identity) and returns the compiled object. Returns
+    ``(wall medians, {name: [wall samples]}, CPU medians)``; CPU seconds add
+    up every compiler thread, so they move less with the machine's load.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return (
+        {name: statistics.median(s) for name, s in wall.items()},
+        wall,
+        {name: statistics.median(s) for name, s in cpu.items()},
+    )
+
+
+@contextlib.contextmanager
+def traced_for(platform):
+    """Trace as if for ``platform`` (``None``: as the library guesses).
+
+    Patches ``optax_gc._transform.lowering_platform``, the trace-time guess
+    that picks GC's formulation, so that on one machine the formulation
+    another platform gets can be traced and compiled.
+    """
+    if platform is None:
+        yield
+        return
+    from optax_gc import _transform
+
+    saved = _transform.lowering_platform
+    _transform.lowering_platform = lambda: platform
+    try:
+        yield
+    finally:
+        _transform.lowering_platform = saved
 
 
 def stateful(step, init):

@@ -46,6 +46,17 @@ def small_kernels_shapes(n=1000):
     return {f"layer_{i:04d}/w": cycle[i % len(cycle)] for i in range(n)}
 
 
+def adafactor_tree():
+    """ResNet-50's leaves of at most 600K entries: 9.1M parameters, 158 leaves.
+
+    Every kernel dimension from 128 on is factored by Adafactor; the largest
+    kernels are left out to keep the table quick.
+    """
+    shapes = {k: v for k, v in resnet50_shapes().items() if math.prod(v) <= 600_000}
+    n = sum(math.prod(v) for v in shapes.values())
+    return f"ResNet-50 leaves <= 600K: {n / 1e6:.1f}M params", shapes
+
+
 def tiny_shapes():
     return {"conv/kernel": (3, 3, 8, 16), "dense/kernel": (64, 10), "dense/bias": (10,)}
 
@@ -293,6 +304,135 @@ def table_compile(shapes, repeats):
     }
 
 
+COMPILE_VARIANTS = (
+    "optax.adam",
+    "chain(adam, centralize()) [update, plain]",
+    "with_gc(adam) [update]",
+)
+"""The rows of :func:`table_compile_step`, each also with `` @ accelerator``."""
+
+ACCELERATOR = " @ accelerator"
+
+
+def _compile_tx(label):
+    if label.startswith("optax.adam"):
+        return optax.adam(1e-3)
+    if label.startswith("chain("):
+        return optax.chain(optax.adam(1e-3), optax_gc.centralize())
+    return optax_gc.with_gc(optax.adam(1e-3), location="update")
+
+
+def table_compile_step(name, shapes, repeats):
+    """Trace + compile seconds of a donated update + apply step, fresh each time.
+
+    Rows ending in ``@ accelerator`` are traced as for a GPU or TPU: on this
+    CPU, ``harness.traced_for("gpu")`` makes the library's trace-time platform
+    guess (``optax_gc._transform.lowering_platform``) answer ``"gpu"``, and
+    the step is then compiled for the CPU as usual. So they measure the
+    formulation an accelerator gets, compiled by XLA:CPU. Process CPU seconds
+    (every compiler thread) are recorded beside the wall-clock ones.
+    """
+    params, grads = make_tree(shapes, 0), make_tree(shapes, 1)
+
+    def compile_once(label):
+        platform = "gpu" if label.endswith(ACCELERATOR) else None
+        with harness.traced_for(platform):
+            tx = _compile_tx(label)
+            state = tx.init(params)
+
+            @functools.partial(jax.jit, donate_argnums=(0, 2))
+            def step(p, g, s):
+                updates, s = tx.update(g, s, p)
+                return optax.apply_updates(p, updates), s
+
+            return step.lower(params, grads, state).compile()
+
+    labels = [*COMPILE_VARIANTS, *(v + ACCELERATOR for v in COMPILE_VARIANTS)]
+    medians, samples, cpu = harness.interleaved_compile(
+        {label: functools.partial(compile_once, label) for label in labels}, repeats
+    )
+    base = medians["optax.adam"]
+    return {
+        "tree": f"{name}: trace + compile of a donated step",
+        "rows": [(k, v, v / base) for k, v in medians.items()],
+        "baseline": "optax.adam",
+        "cpu_seconds": cpu,
+        "samples": samples,
+    }
+
+
+def fmt_compile(result):
+    """The compile table, with the ratios the targets read."""
+    sec = {name: s for name, s, _ in result["rows"]}
+    cpu = result["cpu_seconds"]
+    adam, chain, ours = COMPILE_VARIANTS
+    lines = [
+        f"\n## {result['tree']}",
+        "",
+        "| variant | wall | x adam | x chain | CPU s | CPU x adam | CPU x chain |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in sec:
+        suffix = ACCELERATOR if name.endswith(ACCELERATOR) else ""
+        a, c = adam + suffix, chain + suffix
+        lines.append(
+            f"| {name} | {sec[name]:.2f} s | {sec[name] / sec[a]:.3f} "
+            f"| {sec[name] / sec[c]:.3f} | {cpu[name]:.2f} | "
+            f"{cpu[name] / cpu[a]:.3f} | {cpu[name] / cpu[c]:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def table_adafactor(name, shapes):
+    """Temporary memory of Adafactor with GC on the update, three ways."""
+    params = make_tree(shapes, 0)
+    variants = {
+        "optax.adafactor": optax.adafactor(1e-2),
+        "chain(adafactor, centralize()) [update, plain]": optax.chain(
+            optax.adafactor(1e-2), optax_gc.centralize()
+        ),
+        "with_gc(adafactor) [update]": optax_gc.with_gc(
+            optax.adafactor(1e-2), location="update"
+        ),
+    }
+    memory = {}
+    for label, tx in variants.items():
+
+        @functools.partial(jax.jit, donate_argnums=(0, 2))
+        def step(p, g, s, tx=tx):
+            updates, s = tx.update(g, s, p)
+            return optax.apply_updates(p, updates), s
+
+        state = tx.init(params)
+        compiled = step.lower(params, params, state).compile()
+        memory[label] = harness.memory_stats(compiled, state)
+    return {
+        "tree": f"{name}: adafactor temporary memory",
+        "param_bytes": harness.tree_bytes(params),
+        "memory": memory,
+        "rows": [],
+        "baseline": "optax.adafactor",
+    }
+
+
+def fmt_adafactor(result):
+    lines = [
+        f"\n## {result['tree']}",
+        "",
+        "| variant | temp | x param bytes |",
+        "|---|---:|---:|",
+    ]
+    for name, m in result["memory"].items():
+        temp = m.get("temp_size_in_bytes")
+        if temp is None:
+            lines.append(f"| {name} | n/a | n/a |")
+            continue
+        lines.append(
+            f"| {name} | {temp / 2**20:.2f} MiB | {temp / result['param_bytes']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 # --- targets ------------------------------------------------------------------
 
 
@@ -358,6 +498,35 @@ TARGETS = (
         "train step: {row} temp - adam's, x param bytes",
         measure="temp",
     ),
+    Target(
+        "compile_step",
+        "with_gc(adam) [update]",
+        "optax.adam",
+        1.6,
+        "{tree}: compile, {row} / {base}",
+    ),
+    Target(
+        "compile_step",
+        "with_gc(adam) [update]",
+        "chain(adam, centralize()) [update, plain]",
+        1.0,
+        "{tree}: compile, {row} / {base}",
+    ),
+    Target(
+        "compile_step",
+        "with_gc(adam) [update]" + ACCELERATOR,
+        "chain(adam, centralize()) [update, plain]" + ACCELERATOR,
+        1.05,
+        "{tree}: compile, {row} / {base}",
+    ),
+    Target(
+        "adafactor",
+        "with_gc(adafactor) [update]",
+        "chain(adafactor, centralize()) [update, plain]",
+        0.0,
+        "{tree}: {row} temp - {base}'s, x param bytes",
+        measure="temp",
+    ),
 )
 
 
@@ -384,9 +553,10 @@ def targets(results, table=TARGETS):
                 continue
             over = t.denominator or res["baseline"]
             tagged = t.numerator.startswith("[")
+            names = [name for name, _, _ in res["rows"]] or list(res.get("memory", {}))
             rows = [
                 name
-                for name, _, _ in res["rows"]
+                for name in names
                 if (t.numerator in name if tagged else name == t.numerator)
             ]
             for row in rows:
@@ -520,6 +690,16 @@ def main(argv=None):
     res = table_compile(compile_shapes, 1 if args.tiny else max(5, repeats // 3))
     results.append(res)
     print(fmt_table(res), flush=True)
+    name, (shapes, _) = first, trees[first]
+    res = table_compile_step(name, shapes, 1 if args.tiny else max(5, repeats // 6))
+    res["kind"] = "compile_step"
+    results.append(res)
+    print(fmt_compile(res), flush=True)
+    tree = ("tiny", tiny_shapes()) if args.tiny else adafactor_tree()
+    res = table_adafactor(*tree)
+    res["kind"] = "adafactor"
+    results.append(res)
+    print(fmt_adafactor(res), flush=True)
 
     goals = targets(results)
     print(fmt_targets(goals), flush=True)

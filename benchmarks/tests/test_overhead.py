@@ -11,8 +11,9 @@ def test_overhead_script_tiny(tmp_path, capsys):
     assert "copy (roofline proxy)" in printed and "trace + compile" in printed
     assert "## Targets" in printed
     data = json.loads((tmp_path / "overhead-cpu-tiny.json").read_text())
-    # transforms, adam, adamw, lion, update alone, train step, compile
-    assert data["versions"]["optax_gc"] and len(data["tables"]) == len(results) == 7
+    # transforms, adam, adamw, lion, update alone, train step, compile, compile of
+    # a step, adafactor memory
+    assert data["versions"]["optax_gc"] and len(data["tables"]) == len(results) == 9
     for table in data["tables"]:
         assert all(seconds > 0 and ratio > 0 for _, seconds, ratio in table["rows"])
     for table, base in zip(data["tables"][1:4], ("adam", "adamw", "lion"), strict=True):
@@ -21,8 +22,12 @@ def test_overhead_script_tiny(tmp_path, capsys):
         assert len(memory) == 4 and len(states) == 1, base
     # Every target of the issue, each with its measured ratio.
     whats = [t["ratio"] for t in data["targets"]]
-    assert len(whats) == 9  # one tree: 2 + 1 + 3 + 1, train step 2
+    # one tree: 2 + 1 + 3 + 1, train step 2, compile 3, adafactor 1
+    assert len(whats) == 13
     assert any("with_gc(lion)" in w for w in whats)
+    assert sum("compile, with_gc(adam)" in w for w in whats) == 3
+    assert any("@ accelerator" in w for w in whats)
+    assert any("with_gc(adafactor) [update] temp" in w for w in whats)
     assert any("temp - adam's" in w for w in whats)
     for t in data["targets"]:
         assert t["met"] == (t["measured"] <= t["target"])
@@ -65,3 +70,22 @@ def test_targets_are_data_a_tag_matches_every_tagged_row():
     # A target limited to Adam's tables reads nothing from Lion's.
     only_adam = (table[0]._replace(baselines=("optax.adam",)),)
     assert overhead.targets([res], only_adam) == []
+
+
+def test_compile_table_forces_the_accelerator_formulation():
+    res = overhead.table_compile_step("tiny", overhead.tiny_shapes(), 1)
+    names = [name for name, _, _ in res["rows"]]
+    assert len(names) == 6 and sum(n.endswith(overhead.ACCELERATOR) for n in names) == 3
+    assert set(res["cpu_seconds"]) == set(names)
+    text = overhead.fmt_compile(res)
+    assert "x chain" in text and "@ accelerator" in text
+
+
+def test_traced_for_patches_the_platform_guess_and_restores_it():
+    from benchmarks import harness
+    from optax_gc import _transform
+
+    before = _transform.lowering_platform()
+    with harness.traced_for("gpu"):
+        assert _transform.lowering_platform() == "gpu" and not _transform.for_cpu()
+    assert _transform.lowering_platform() == before
