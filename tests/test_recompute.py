@@ -285,18 +285,14 @@ def test_every_needed_primitive_must_stay_recomputable(monkeypatch, name):
     # moments: the fast path gives up on the leaf (and the step would store it).
     needed, roles = CONES[name]
     for primitive in sorted(needed):
-        monkeypatch.setattr(
-            _recompute, "RECOMPUTABLE", _recompute.RECOMPUTABLE - {primitive}
-        )
-        tx, params, cones = _cones(name)
-        for key in BIG:
-            cone = cones[key]
-            assert cone is None or _named_roles(tx, params, key, cone) != roles, (
-                primitive
-            )
-        monkeypatch.undo()
-        monkeypatch.setattr(_blocked, "ROW_BLOCK_ELEMENTS", 256)
-        monkeypatch.setattr("optax_gc._recompute.MIN_BLOCKED_ELEMENTS", 1024)
+        with monkeypatch.context() as m:
+            m.setattr(_recompute, "RECOMPUTABLE", _recompute.RECOMPUTABLE - {primitive})
+            tx, params, cones = _cones(name)
+            for key in BIG:
+                cone = cones[key]
+                assert cone is None or _named_roles(tx, params, key, cone) != roles, (
+                    primitive
+                )
 
 
 def test_recomputable_names_real_primitives():
