@@ -1,19 +1,19 @@
 """GC on an optimizer's final update without materializing the update.
 
 ``with_gc(tx, location="update")`` needs each output unit's mean update before
-it can write the centred update. Written naively (``u - mean(u)``), XLA on
-CPU stores ``u`` in full because two computations read it, and the step costs
-two to three times the bare optimizer's. Here ``tx.update`` is traced once,
-as ``jax.jit(tx.update)``, and called as one nested ``jit`` (from jit's
-cache: nothing is traced twice). For each centred leaf, the entry-by-entry
-computation that produces its update from values the step reads or outputs
-(the new moments, the gradient, the parameters) is found in that jaxpr, with
-the scalars it reads (a bias correction, a schedule's learning rate, a global
-norm), and the fan-in sums are recomputed from those values block by block
-(:mod:`optax_gc._blocked`). The scalars the step does not output are
-computed again beside the call, and XLA merges the two copies. The update
-itself is then written once, centred, straight into whatever consumes it
-(``optax.apply_updates`` under ``jit``).
+it can write the centred update. Written naively (``u - mean(u)``), XLA on CPU
+stores ``u`` in full because two computations read it, and the step costs two
+to three times the bare optimizer's. Here ``tx.update`` is traced once, by
+``jax.make_jaxpr``, and called as one nested ``jit`` (from jit's cache, which
+``make_jaxpr`` shares: nothing is traced twice). For each centred leaf, the
+entry-by-entry computation that produces its update from values the step reads
+or outputs (the new moments, the gradient, the parameters) is found in that
+jaxpr, with the scalars it reads (a bias correction, a schedule's learning
+rate, a global norm), and the fan-in sums are recomputed from those values
+block by block (:mod:`optax_gc._blocked`). The scalars the step does not
+output are computed again beside the call, and XLA merges the two copies. The
+update itself is then written once, centred, straight into whatever consumes
+it (``optax.apply_updates`` under ``jit``).
 
 Which formulation a computation gets is decided at trace time, from the
 platform it is traced for (:func:`optax_gc._transform.lowering_platform`):
@@ -166,13 +166,14 @@ def centralized_update(
         return plain()  # eager, op by op: nothing is fused, nothing to avoid
     if not for_cpu():
         return plain()  # XLA fuses the plain sums with their producers there
-    jitted = jax.jit(update)
     try:
-        closed = jitted.trace(*args).jaxpr
+        # Tracers ``update`` closes over (``inject_hyperparams``'s injected
+        # values) are the jaxpr's constants here, with their values.
+        closed = jax.make_jaxpr(update)(*args)
     except TypeError:  # an argument JAX cannot trace (a string, a callable)
         return plain()
     # The same trace again, from jit's cache: one call in this computation.
-    updates, state = jitted(*args)
+    updates, state = jax.jit(update)(*args)
     step = _Step(closed, jax.tree.structure(updates))
     env = step.stored_values(jax.tree.leaves(args), jax.tree.leaves((updates, state)))
     jobs: list[tuple[MeanJob, jax.Array]] = []  # one per leaf from blocked sums

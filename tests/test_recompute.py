@@ -152,6 +152,46 @@ def test_update_is_not_stored_in_full(name):
     assert ours - base <= 0.05 * param_bytes
 
 
+def test_an_update_closing_over_tracers_is_blocked_too():
+    """``inject_hyperparams(gc_adam)`` builds the inner optimizer from traced
+    hyperparameters, so the update GC wraps closes over tracers of the outer
+    trace. Their values must reach the recomputed sums (a wrong learning rate
+    would show in the values) and the update must still not be stored."""
+    shapes = {"a": (2048, 256), "b": (3, 3, 128, 128)}
+    params = {k: jnp.ones(s) for k, s in shapes.items()}
+    keys = jax.random.split(jax.random.key(3), len(shapes))
+    grads = {
+        k: jax.random.normal(key, s)
+        for key, (k, s) in zip(keys, shapes.items(), strict=True)
+    }
+    param_bytes = sum(x.size * 4 for x in params.values())
+
+    def step_of(tx):
+        @functools.partial(jax.jit, donate_argnums=(0, 2))
+        def step(p, g, s):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        return step
+
+    def temp(tx):
+        compiled = step_of(tx).lower(params, grads, tx.init(params)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    ours = optax.inject_hyperparams(optax_gc.gc_adam)(
+        learning_rate=0.02, location="update"
+    )
+    base = optax.inject_hyperparams(optax.adam)(learning_rate=0.02)
+    assert temp(ours) - temp(base) <= 0.05 * param_bytes
+    got, _ = step_of(ours)(params, grads, ours.init(params))
+    plain = optax.chain(optax.adam(0.02), optax_gc.centralize())
+    want, _ = step_of(plain)(
+        {k: jnp.ones(s) for k, s in shapes.items()}, grads, plain.init(params)
+    )
+    for k in shapes:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6)
+
+
 def test_the_inner_update_is_traced_once():
     calls = []
     inner = optax.adam(1e-2)
