@@ -122,6 +122,25 @@ def test_bf16_leaves_round_once_from_float32_means():
         assert (diff <= ulp).all(), k  # at most one bf16 rounding step apart
 
 
+MEMORY_SHAPES = {"a": (2048, 256), "b": (3, 3, 128, 128)}
+
+
+def donated_step(tx):
+    """A jitted update + apply step that donates the parameters and state."""
+
+    @functools.partial(jax.jit, donate_argnums=(0, 2))
+    def step(p, g, s):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    return step
+
+
+def temp_bytes(tx, params, grads):
+    compiled = donated_step(tx).lower(params, grads, tx.init(params)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
 @pytest.mark.parametrize("name", ["adam", "clip_adam", "schedule", "inject"])
 def test_update_is_not_stored_in_full(name):
     """XLA's temporary memory stays near the bare optimizer's, unlike the chain.
@@ -131,18 +150,11 @@ def test_update_is_not_stored_in_full(name):
     rate computed from the step count: the blocked sums compute these scalars
     again, and XLA merges the copies.
     """
-    shapes = {"a": (2048, 256), "b": (3, 3, 128, 128)}
-    params = {k: jnp.ones(s) for k, s in shapes.items()}
+    params = {k: jnp.ones(s) for k, s in MEMORY_SHAPES.items()}
     param_bytes = sum(x.size * 4 for x in params.values())
 
     def temp(tx):
-        @functools.partial(jax.jit, donate_argnums=(0, 2))
-        def step(p, g, s):
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s
-
-        compiled = step.lower(params, params, tx.init(params)).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
+        return temp_bytes(tx, params, params)
 
     make = OPTIMIZERS[name]
     base = temp(make())
@@ -157,40 +169,30 @@ def test_an_update_closing_over_tracers_is_blocked_too():
     hyperparameters, so the update GC wraps closes over tracers of the outer
     trace. Their values must reach the recomputed sums (a wrong learning rate
     would show in the values) and the update must still not be stored."""
-    shapes = {"a": (2048, 256), "b": (3, 3, 128, 128)}
 
     def fresh():  # the steps donate their parameters
-        return {k: jnp.ones(s) for k, s in shapes.items()}
+        return {k: jnp.ones(s) for k, s in MEMORY_SHAPES.items()}
 
     params = fresh()
-    keys = jax.random.split(jax.random.key(3), len(shapes))
+    keys = jax.random.split(jax.random.key(3), len(MEMORY_SHAPES))
     grads = {
         k: jax.random.normal(key, s)
-        for key, (k, s) in zip(keys, shapes.items(), strict=True)
+        for key, (k, s) in zip(keys, MEMORY_SHAPES.items(), strict=True)
     }
     param_bytes = sum(x.size * 4 for x in params.values())
-
-    def step_of(tx):
-        @functools.partial(jax.jit, donate_argnums=(0, 2))
-        def step(p, g, s):
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s
-
-        return step
-
-    def temp(tx):
-        compiled = step_of(tx).lower(params, grads, tx.init(params)).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
 
     ours = optax.inject_hyperparams(optax_gc.gc_adam)(
         learning_rate=0.02, location="update"
     )
     base = optax.inject_hyperparams(optax.adam)(learning_rate=0.02)
-    assert temp(ours) - temp(base) <= 0.05 * param_bytes
-    got, _ = step_of(ours)(fresh(), grads, ours.init(params))
+    assert (
+        temp_bytes(ours, params, grads) - temp_bytes(base, params, grads)
+        <= 0.05 * param_bytes
+    )
+    got, _ = donated_step(ours)(fresh(), grads, ours.init(params))
     plain = optax.chain(optax.adam(0.02), optax_gc.centralize())
-    want, _ = step_of(plain)(fresh(), grads, plain.init(params))
-    for k in shapes:
+    want, _ = donated_step(plain)(fresh(), grads, plain.init(params))
+    for k in MEMORY_SHAPES:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6)
 
 
