@@ -321,7 +321,8 @@ def leaf_cones(update: Any, args: tuple[Any, ...], rule: LeafRule) -> dict[str, 
     Keyed by key path (``optax_gc._axes.path_str``); for tests and for
     reading what the fast path does with an optimizer. Each cone's ``roles``
     say what its inputs are: ``("argument", i)`` is the ``i``-th leaf of
-    ``args``, ``("output", i)`` the ``i``-th leaf of ``(updates, state)``.
+    ``args``, ``("output", i)`` the ``i``-th leaf of ``(updates, state)``,
+    ``("const", i)`` the ``i``-th value ``update`` closes over.
     Traces ``update`` once and evaluates nothing.
     """
     closed, shapes = jax.make_jaxpr(update, return_shape=True)(*args)
